@@ -1,0 +1,65 @@
+# Robustness-analysis pipeline.
+#   make test                 install (once) and run the test suite
+#   make reproduce            the whole workflow on the default config → results/default/REPORT.md
+#   make reproduce CONFIG=configs/mnist_full.yaml
+#   make smoke                the whole workflow on the tiny smoke config
+# Stages are keyed on their output files: an unchanged stage is not rerun.
+
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+CONFIG     ?= configs/default.yaml
+RUN        := $(or $(shell sed -n 's/^name:[[:space:]]*\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG) 2>/dev/null),default)
+RES        := results/$(RUN)
+LOGS       := $(RES)/logs
+COMMON     := config.py artifacts.py mnistload.py cnnmodel.py metrics.py $(CONFIG) $(STAMP)
+
+.PHONY: all install test smoke reproduce bench clean-run help
+.DELETE_ON_ERROR:
+
+all: help
+help:
+	@sed -n '2,6p' Makefile
+
+# --- environment: created once; reinstalled only when a requirements file changes --------------
+$(STAMP): requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	$(PY) -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), v"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# --- the pipeline ----------------------------------------------------------------------------
+# $(call stage,NAME,COMMAND): run COMMAND with its output in $(LOGS)/NAME.log and print one line:
+# the stage's last summary line and wall time, or the failure with the log's tail and path.
+define stage
+	@mkdir -p $(LOGS)
+	@start=$$(date +%s); \
+	if $(2) > $(LOGS)/$(1).log 2>&1; then \
+	  echo "[$(1)] done in $$(( $$(date +%s) - start )) s: $$(grep -E '^\[' $(LOGS)/$(1).log | tail -n 1)"; \
+	else \
+	  echo "[$(1)] FAILED after $$(( $$(date +%s) - start )) s; last lines of $(LOGS)/$(1).log:"; \
+	  tail -n 5 $(LOGS)/$(1).log | sed 's/^/    /'; exit 1; \
+	fi
+endef
+
+$(RES)/robustness_original.json: main.py deepfool.py robustness.py $(COMMON)
+	$(call stage,train,$(PY) main.py --config $(CONFIG))
+
+reproduce: $(RES)/robustness_original.json
+	@echo "[reproduce] $(RUN): artifacts in $(RES)/ and model/$(RUN)/"
+
+smoke:
+	$(MAKE) --no-print-directory reproduce CONFIG=configs/smoke.yaml
+
+bench: $(STAMP)
+	$(PY) bench/bench_deepfool.py --config $(CONFIG)
+	$(PY) bench/bench_dsa.py --config $(CONFIG)
+
+clean-run:
+	rm -rf model/$(RUN) $(RES)

