@@ -48,18 +48,43 @@ define stage
 	fi
 endef
 
+# train → cc_remove → retrain (+compare) → mutation, conductance → detectors → adversarial → report
 $(RES)/robustness_original.json: main.py deepfool.py robustness.py $(COMMON)
 	$(call stage,train,$(PY) main.py --config $(CONFIG))
 
-reproduce: $(RES)/robustness_original.json
-	@echo "[reproduce] $(RUN): artifacts in $(RES)/ and model/$(RUN)/"
+$(RES)/kept_indices.json: cc_remove.py dif_dsa.py $(RES)/robustness_original.json
+	$(call stage,cc_remove,$(PY) cc_remove.py --config $(CONFIG))
+
+$(RES)/compare.json: $(RES)/kept_indices.json
+	$(call stage,retrain,$(PY) main.py --config $(CONFIG) -is_retrain True)
+
+$(RES)/lcr_test.npz: mutation.py $(RES)/robustness_original.json
+	$(call stage,mutation,$(PY) mutation.py --config $(CONFIG))
+
+$(RES)/conductance_test.npz: conductance.py $(RES)/robustness_original.json
+	$(call stage,conductance,$(PY) conductance.py --config $(CONFIG))
+
+$(RES)/detectors.json: detectors.py $(RES)/lcr_test.npz $(RES)/conductance_test.npz $(RES)/kept_indices.json
+	$(call stage,detectors,$(PY) detectors.py --config $(CONFIG))
+
+$(RES)/adversarial.json: adversarial.py $(RES)/compare.json
+	$(call stage,adversarial,$(PY) adversarial.py --config $(CONFIG))
+
+$(RES)/REPORT.md: report.py $(RES)/compare.json $(RES)/detectors.json $(RES)/adversarial.json
+	$(call stage,report,$(PY) report.py --config $(CONFIG))
+
+reproduce: $(RES)/REPORT.md
+	@echo "[reproduce] $(RUN): report at $(RES)/REPORT.md; logs in $(LOGS)/"
 
 smoke:
 	$(MAKE) --no-print-directory reproduce CONFIG=configs/smoke.yaml
 
-bench: $(STAMP)
+# Benchmarks need the trained default models (make reproduce) and, for peers, bench/requirements.txt.
+bench: $(RES)/robustness_original.json
 	$(PY) bench/bench_deepfool.py --config $(CONFIG)
 	$(PY) bench/bench_dsa.py --config $(CONFIG)
+	$(PY) bench/bench_mutation.py --config $(CONFIG)
+	$(PY) bench/bench_conductance.py --config $(CONFIG)
 
 clean-run:
 	rm -rf model/$(RUN) $(RES)

@@ -263,12 +263,12 @@ def main(argv=None) -> int:
             records, summary = measure_robustness(model, ds.x_test, ds.y_test, cfg, device)
             per_model.append((seed, records, summary))
             print(f"[main] {kind} seed {seed}: ρ_adv {summary['rho_adv']:.4f}, mean radius "
-                  f"{summary['mean_radius_l2']:.4f}, not converged {summary['not_converged_fraction']:.3f}")
+                  f"{summary['mean_radius_l2']:.4f}, not converged {summary['nonconverged_fraction']:.3f}")
         rob = write_robustness(cfg, kind, per_model)
         update_manifest(cfg, f"robustness_{kind}", time.perf_counter() - start, ds.fingerprint)
         acc = trained["summary"]["test_accuracy"]
         print(f"[main] {kind}: {cfg['n_models']} models, test accuracy {acc['mean']:.4f} "
-              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}], ρ_adv {rob['summary']['rho_adv']['mean']:.4f} "
+              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}], ρ_adv {rob['across_models']['rho_adv']['mean']:.4f} "
               f"→ {results_dir(cfg)}")
         if args.is_retrain:
             cmp = write_comparison(cfg)

@@ -1,0 +1,242 @@
+"""Corner cases: DSA on the training and test data, corner-case AUROC, removal list.
+
+    python cc_remove.py [--config configs/default.yaml] [--set key=value ...]
+
+Ouyang et al. describe corner cases with distance-based surprise adequacy (DSA, Kim et al. ICSE 2019,
+arXiv 1808.08444): an input whose activation lies closer to another class than to its own is
+surprising. For every trained model this stage
+
+1. computes DSA of every training input against the training set with the input itself excluded
+   (the original code let each point be its own nearest neighbour), and of every test input
+   against the training set, for each configured variant and layer;
+2. scores DSA as a detector of wrong predictions on test (AUROC with a bootstrap 95% CI);
+3. pools the models' top-``dsa_top`` training inputs by DSA (the paper's pooling over models) and
+   marks as corner cases the ``remove_count`` inputs found most often in those sets;
+4. writes ``dsa_{train,test}.npz``, ``corner_cases.{json,png}``, ``dsa_hist.png`` and
+   ``kept_indices.json`` (the training indices kept for ``python main.py -is_retrain True``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from artifacts import (ArtifactError, atomic_savefig, atomic_savez, atomic_write_json, load_models,
+                       results_dir, update_manifest)
+from cnnmodel import layer_activations
+from config import ConfigError, config_hash, load_config, resolve_device
+from dif_dsa import dsa
+from metrics import auroc_ci
+from mnistload import DatasetError, load_dataset
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="DSA corner cases: score, pool over models, choose removals.")
+    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return p.parse_args(argv)
+
+
+def array_key(kind: str, variant: str, layer: str) -> str:
+    """Name of an array in dsa_<split>.npz, e.g. ``dsa_sadl_penultimate``."""
+    return f"{kind}_{variant}_{layer}"
+
+
+def model_dsa(model, ds, cfg: dict, device) -> dict:
+    """DSA of train (self-excluded) and test against train for one model, every variant and layer."""
+    layers = cfg["dsa_layers"]
+    acts = {split: layer_activations(model, ds.split(split)[0], layers, cfg["eval_batch_size"],
+                                     spatial_mean=True, device=device)
+            for split in ("train", "test")}
+    pred = {split: acts[split]["__logits__"].argmax(1).numpy() for split in acts}
+    labels = {"train": ds.y_train.numpy(), "test": ds.y_test.numpy()}
+    groups = pred if cfg["dsa_group_by"] == "pred" else labels
+    out = {"pred": pred, "arrays": {"train": {}, "test": {}}}
+    n_train = len(ds.x_train)
+    for layer in layers:
+        ref = acts["train"][layer].reshape(n_train, -1).numpy()
+        for variant in cfg["dsa_variants"]:
+            for split in ("train", "test"):
+                query = acts[split][layer].reshape(len(groups[split]), -1).numpy()
+                res = dsa(query, ref, groups[split], groups["train"], variant=variant, k=cfg["dsa_k"],
+                          self_index=np.arange(n_train) if split == "train" else None,
+                          chunk_size=cfg["dsa_chunk_size"], device=device, progress=False)
+                arrays = out["arrays"][split]
+                arrays[array_key("dsa", variant, layer)] = res.dsa
+                arrays[array_key("dist_a", variant, layer)] = res.dist_a
+                arrays[array_key("dist_b", variant, layer)] = res.dist_b
+    return out
+
+
+def choose_corner_cases(train_dsa: np.ndarray, top: int, n_remove: int) -> dict:
+    """Pool the models' top-``top`` DSA sets (M × N_train scores) and rank training inputs by how
+    many models put them there; ties broken by mean DSA rank across models (higher DSA first).
+
+    Returns the removed indices (most frequent first), their frequency and the thresholds.
+    """
+    m, n = train_dsa.shape
+    if not 0 < n_remove < n:
+        raise ValueError(f"remove_count must be in [1, {n - 1}] for {n} training inputs, got {n_remove}")
+    top = min(top, n)
+    # rank 0 = highest DSA of that model; stable sort so equal DSA keep index order
+    order = np.argsort(-train_dsa, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    ranks[np.arange(m)[:, None], order] = np.arange(n)[None, :]
+    frequency = (ranks < top).sum(axis=0)
+    mean_rank = ranks.mean(axis=0)
+    chosen = np.lexsort((np.arange(n), mean_rank, -frequency))[:n_remove]
+    per_model_threshold = np.sort(train_dsa, axis=1)[:, n - top]
+    return {"removed": chosen, "frequency": frequency, "mean_rank": mean_rank,
+            "per_model_threshold": per_model_threshold,
+            "min_frequency_removed": int(frequency[chosen].min())}
+
+
+def n_to_remove(cfg: dict, n_train: int) -> int:
+    if cfg["remove_count"] > 0:
+        return cfg["remove_count"]
+    n = int(round(cfg["remove_fraction"] * n_train))
+    if n < 1:
+        raise ConfigError("remove_count is 0 and remove_fraction selects no training input")
+    return n
+
+
+def run(cfg: dict) -> dict:
+    device = resolve_device(cfg)
+    ds = load_dataset(cfg)
+    models = load_models(cfg, ds.fingerprint, "cnn", device)
+    rdir = results_dir(cfg)
+    seeds = [seed for seed, _, _ in models]
+    per_model = [model_dsa(model, ds, cfg, device)
+                 for _, model, _ in tqdm(models, desc="DSA per model", disable=None)]
+
+    # stack per-model arrays: M × N
+    stacked = {split: {key: np.stack([pm["arrays"][split][key] for pm in per_model])
+                       for key in per_model[0]["arrays"][split]} for split in ("train", "test")}
+    preds = {split: np.stack([pm["pred"][split] for pm in per_model]) for split in ("train", "test")}
+    labels = {"train": ds.y_train.numpy(), "test": ds.y_test.numpy()}
+    for split in ("train", "test"):
+        atomic_savez(rdir / f"dsa_{split}.npz", seeds=np.asarray(seeds, dtype=np.int64), labels=labels[split],
+                     pred=preds[split].astype(np.int64), **stacked[split])
+
+    # corner-case AUROC: does DSA tell wrong test predictions from right ones?
+    auroc_table = []
+    for layer in cfg["dsa_layers"]:
+        for variant in cfg["dsa_variants"]:
+            key = array_key("dsa", variant, layer)
+            for i, seed in enumerate(seeds):
+                wrong = preds["test"][i] != labels["test"]
+                res = auroc_ci(wrong, stacked["test"][key][i], cfg["bootstrap"], seed=seed)
+                auroc_table.append({"variant": variant, "layer": layer, "seed": seed, **res})
+
+    # corner cases: pooled top-DSA training inputs
+    cc_key = array_key("dsa", cfg["cc_variant"], cfg["cc_layer"])
+    n_remove = n_to_remove(cfg, len(ds.x_train))
+    chosen = choose_corner_cases(stacked["train"][cc_key], cfg["dsa_top"], n_remove)
+    removed = chosen["removed"]
+    kept = np.setdiff1d(np.arange(len(ds.x_train)), removed)
+    removed_rows = [{"index": int(i), "pool_index": int(ds.train_index[i]), "label": int(labels["train"][i]),
+                     "pred": [int(p) for p in preds["train"][:, i]], "frequency": int(chosen["frequency"][i]),
+                     "mean_rank": float(chosen["mean_rank"][i]),
+                     "mean_dsa": float(stacked["train"][cc_key][:, i].mean())} for i in removed]
+    summary = {
+        "dataset_fingerprint": ds.fingerprint, "config_hash": config_hash(cfg), "seeds": seeds,
+        "variant": cfg["cc_variant"], "layer": cfg["cc_layer"], "group_by": cfg["dsa_group_by"],
+        "dsa_top": cfg["dsa_top"], "n_train": len(ds.x_train), "n_removed": len(removed),
+        "threshold": {"min_frequency_removed": chosen["min_frequency_removed"], "n_models": len(seeds),
+                      "per_model_top_dsa_threshold": chosen["per_model_threshold"].tolist()},
+        "auroc": auroc_table, "auroc_summary": summarise_auroc(auroc_table),
+        "removed": removed_rows,
+    }
+    atomic_write_json(rdir / "corner_cases.json", summary)
+    atomic_write_json(rdir / "kept_indices.json", {
+        "indices": kept.tolist(), "n_train": len(ds.x_train), "n_kept": len(kept),
+        "removed": sorted(int(i) for i in removed), "dataset_fingerprint": ds.fingerprint,
+        "config_hash": config_hash(cfg), "made_by": "cc_remove.py"})
+    corner_case_grid(ds.x_train[torch.from_numpy(removed[:40])], removed_rows[:40], rdir / "corner_cases.png")
+    dsa_histogram(stacked["test"][cc_key], preds["test"] != labels["test"][None, :], cfg, rdir / "dsa_hist.png")
+    return summary
+
+
+def summarise_auroc(table: list[dict]) -> list[dict]:
+    """Mean AUROC over models per (variant, layer), with the range of the per-model intervals."""
+    from metrics import mean_ci
+
+    out = []
+    for variant, layer in sorted({(r["variant"], r["layer"]) for r in table}):
+        rows = [r for r in table if r["variant"] == variant and r["layer"] == layer]
+        out.append({"variant": variant, "layer": layer, "auroc": mean_ci([r["auroc"] for r in rows]),
+                    "aupr": mean_ci([r["aupr"] for r in rows]), "n_models": len(rows),
+                    "n_wrong_mean": float(np.mean([r["n_positive"] for r in rows]))})
+    return out
+
+
+def corner_case_grid(images: torch.Tensor, rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    cols = 8
+    nrows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 1.5, nrows * 1.75), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, row in zip(axes.ravel(), images, rows):
+        pic = img.permute(1, 2, 0).numpy()
+        ax.imshow(pic.squeeze(-1) if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"y={row['label']} p={row['pred'][0]}\nDSA {row['mean_dsa']:.2f} ×{row['frequency']}",
+                     fontsize=7)
+    fig.suptitle("Removed corner cases (most frequent first): label y, model-1 prediction p, "
+                 "mean DSA, models with it in their top set", fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def dsa_histogram(test_dsa: np.ndarray, wrong: np.ndarray, cfg: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(0, float(np.percentile(test_dsa, 99.5)) * 1.05 + 1e-12, 50)
+    ax.hist(test_dsa[~wrong], bins=bins, alpha=0.6, density=True, label=f"correct (n={int((~wrong).sum())})")
+    ax.hist(test_dsa[wrong], bins=bins, alpha=0.6, density=True, label=f"wrong (n={int(wrong.sum())})")
+    ax.set_xlabel(f"DSA ({cfg['cc_variant']}, {cfg['cc_layer']})")
+    ax.set_ylabel("density")
+    ax.set_title("Test DSA of correct vs wrong predictions (all models pooled)")
+    ax.legend()
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if cfg["num_threads"]:
+            torch.set_num_threads(cfg["num_threads"])
+        start = time.perf_counter()
+        summary = run(cfg)
+        seconds = time.perf_counter() - start
+        update_manifest(cfg, "cc_remove", seconds, summary["dataset_fingerprint"],
+                        {"n_removed": summary["n_removed"]})
+    except (ConfigError, DatasetError, ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for row in summary["auroc_summary"]:
+        a = row["auroc"]
+        print(f"[cc_remove] DSA {row['variant']}/{row['layer']}: AUROC (wrong predictions) "
+              f"{a['mean']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] over {row['n_models']} models")
+    print(f"[cc_remove] removed {summary['n_removed']} of {summary['n_train']} training inputs "
+          f"({seconds:.1f} s) → {results_dir(cfg) / 'kept_indices.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
