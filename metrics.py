@@ -51,6 +51,12 @@ def auroc_ci(labels, scores, n_boot: int = 1000, seed: int = 0, level: float = 0
         raise ValueError(f"labels ({len(y)}) and scores ({len(s)}) differ in length")
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
+    if np.isinf(s).any():
+        # e.g. DSA with dist_b = 0; AUROC/AUPR depend only on the order, so map ±inf just past the
+        # finite range (scikit-learn rejects infinite scores)
+        finite = s[np.isfinite(s)]
+        lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
+        s = np.where(s == np.inf, hi + 1.0, np.where(s == -np.inf, lo - 1.0, s))
     out = {"n": int(len(y)), "n_positive": int(y.sum()), "auroc": math.nan, "auroc_ci": [math.nan, math.nan],
            "aupr": math.nan, "aupr_ci": [math.nan, math.nan]}
     if len(y) == 0 or y.min() == y.max():

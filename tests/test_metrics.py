@@ -58,3 +58,11 @@ def test_fitted_detector_learns_a_separable_signal():
         assert auroc_ci(y[100:], s, n_boot=0)["auroc"] > 0.95
     with pytest.raises(ValueError, match="single class"):
         fit_and_score("logreg", x[:10], np.zeros(10, int), x, seed=0)
+
+
+def test_infinite_scores_keep_their_rank():
+    labels = np.array([0, 0, 1, 1, 0])
+    with_inf = auroc_ci(labels, np.array([0.1, 0.2, np.inf, 0.9, -np.inf]), n_boot=0)
+    finite = auroc_ci(labels, np.array([0.1, 0.2, 5.0, 0.9, -5.0]), n_boot=0)
+    assert with_inf["auroc"] == finite["auroc"] == 1.0
+    assert with_inf["aupr"] == finite["aupr"]

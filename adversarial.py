@@ -1,0 +1,478 @@
+"""Adversarial evaluation: accuracy under FGSM and PGD, attack success rate, robustness margin and
+transferability between the original and the retrained models.
+
+Attacks (inputs in [0, 1], model in eval mode, gradients taken with ``torch.autograd.grad`` so no
+``.grad`` is left on the parameters):
+
+- FGSM (Goodfellow et al., arXiv 1412.6572, Eq. 3): x' = clip_[0,1](x + ε·sign(∇_x L(x, y))).
+- PGD (Madry et al., arXiv 1706.06083, Eq. 2 and Sec. 5 / their ``mnist_challenge`` code):
+  x^{t+1} = Π_{B_ε(x) ∩ [0,1]^d}(x^t + α·s(∇_x L(x^t, y))), with s = sign for L∞ and
+  s(g) = g/‖g‖₂ for L2, starting from a uniform random point of the ε-ball (``random_start``).
+  The L2 step defaults to 2.5·ε/steps (the step rule of Madry et al.'s ``robustness`` library).
+  After the ε-ball projection the point is clipped to [0, 1]; since x ∈ [0, 1], clipping only
+  shrinks each coordinate of x' − x, so the result stays in the ball.
+
+L is the cross-entropy of the logits; its sum over the batch is differentiated, so each input's
+gradient is its own (the batch size does not change the attack).
+
+Metrics:
+- accuracy under attack at each ε of the configured grids (ε = 0 is the clean accuracy);
+- attack success rate: the fraction of inputs classified correctly before the attack that are
+  misclassified after it;
+- robustness margin: the smallest ε of the grid at which the accuracy drops below
+  ``adv_target_accuracy`` (None when it never does);
+- transferability: PGD-L∞ inputs crafted on the original model of a seed, evaluated on the
+  retrained model of the same seed, and vice versa (a source kind × target kind matrix).
+
+CLI: ``python adversarial.py [--config configs/X.yaml] [--set key=value ...]`` writes
+``results/<run>/adversarial.{json,csv,png}`` and ``transfer.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import artifacts
+from config import ConfigError, anchored, load_config, resolve_device
+from metrics import mean_ci, paired_difference
+from mnistload import DatasetError, load_dataset
+
+# ε (L∞) of the transferability matrix: the grid value of ``adv_eps_linf`` nearest to this.
+# 0.1 suits MNIST; a config key (``adv_transfer_eps``) would let CIFAR-10 runs choose e.g. 8/255.
+TRANSFER_EPS_LINF = 0.1
+
+KINDS = {"original": "cnn", "retrained": "retrained"}  # output name -> checkpoint kind
+
+
+# ---------------------------------------------------------------------------------------------
+# attacks
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+    if eps < 0 or not math.isfinite(eps):
+        raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
+    if x.dim() < 2 or len(x) != len(y):
+        raise ValueError(f"x, y: expected N×... inputs and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"x: expected pixel values in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]")
+
+
+def _loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇_x of the summed cross-entropy (per-input gradients; parameters get no ``.grad``)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _per_input_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each input, shaped N×1×...×1 for broadcasting."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fast gradient sign method (L∞): clip_[0,1](x + eps·sign(∇_x CE(model(x), y)))."""
+    _check_inputs(x, y, eps)
+    if eps == 0:
+        return x.detach().clone()
+    with _eval_mode(model):
+        grad = _loss_gradient(model, x, y)
+    return (x.detach() + eps * grad.sign()).clamp(0.0, 1.0)
+
+
+def _uniform_noise(shape, generator, device, dtype) -> torch.Tensor:
+    """U[0, 1) drawn on the CPU (so a seeded generator gives the same start on every device)."""
+    return torch.rand(shape, generator=generator, dtype=dtype).to(device)
+
+
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
+             step_size: float = 0.01, random_start: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD in the L∞ ball (Madry et al. 2018): ``steps`` signed-gradient steps of ``step_size``,
+    each followed by projection onto {‖x' − x‖∞ ≤ eps} ∩ [0, 1]^d."""
+    _check_inputs(x, y, eps)
+    if steps < 0 or step_size < 0:
+        raise ValueError(f"steps, step_size: expected >= 0, got {steps}, {step_size}")
+    x0 = x.detach()
+    if eps == 0:
+        return x0.clone()
+    lower, upper = (x0 - eps).clamp(min=0.0), (x0 + eps).clamp(max=1.0)
+    if random_start:
+        noise = (2 * _uniform_noise(x0.shape, generator, x0.device, x0.dtype) - 1) * eps
+        x_adv = torch.min(torch.max(x0 + noise, lower), upper)
+    else:
+        x_adv = x0.clone()
+    with _eval_mode(model):
+        for _ in range(steps):
+            grad = _loss_gradient(model, x_adv, y)
+            x_adv = torch.min(torch.max(x_adv + step_size * grad.sign(), lower), upper)
+    return x_adv.detach()
+
+
+def _project_l2(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project onto the L2 ball of radius eps around x0, then clip to [0, 1]."""
+    delta = x_adv - x0
+    scale = (eps / _per_input_norm(delta).clamp(min=1e-12)).clamp(max=1.0)
+    return (x0 + delta * scale).clamp(0.0, 1.0)
+
+
+def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
+           step_size: float | None = None, random_start: bool = True,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD in the L2 ball: ``steps`` normalised-gradient steps g/‖g‖₂ of ``step_size``
+    (default 2.5·eps/steps), each followed by projection onto {‖x' − x‖₂ ≤ eps} and [0, 1]^d.
+    The random start is uniform in the ball: a Gaussian direction and radius eps·U^(1/d)."""
+    _check_inputs(x, y, eps)
+    if steps < 0:
+        raise ValueError(f"steps: expected >= 0, got {steps}")
+    x0 = x.detach()
+    if eps == 0:
+        return x0.clone()
+    if step_size is None:
+        step_size = 2.5 * eps / max(steps, 1)
+    if step_size < 0:
+        raise ValueError(f"step_size: expected >= 0, got {step_size}")
+    if random_start:
+        d = x0[0].numel()
+        direction = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        direction = direction / _per_input_norm(direction).clamp(min=1e-12)
+        radius = eps * _uniform_noise((len(x0),), generator, x0.device, x0.dtype) ** (1.0 / d)
+        x_adv = _project_l2(x0 + direction * radius.view(-1, *([1] * (x0.dim() - 1))), x0, eps)
+    else:
+        x_adv = x0.clone()
+    with _eval_mode(model):
+        for _ in range(steps):
+            grad = _loss_gradient(model, x_adv, y)
+            grad = grad / _per_input_norm(grad).clamp(min=1e-12)  # a zero gradient makes no step
+            x_adv = _project_l2(x_adv + step_size * grad, x0, eps)
+    return x_adv.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+def success_rate(clean_correct, adv_correct) -> float:
+    """Fraction of the inputs classified correctly before the attack that are wrong after it
+    (NaN when no input was correct before)."""
+    clean = np.asarray(clean_correct, dtype=bool).ravel()
+    adv = np.asarray(adv_correct, dtype=bool).ravel()
+    if clean.shape != adv.shape:
+        raise ValueError(f"clean_correct ({clean.size}) and adv_correct ({adv.size}) differ in length")
+    if not clean.any():
+        return math.nan
+    return float(np.mean(~adv[clean]))
+
+
+def robustness_margin(eps_grid, accuracies, target: float) -> float | None:
+    """Smallest ε of the grid at which the accuracy is below ``target``; None if it never is."""
+    eps = np.asarray(eps_grid, dtype=np.float64).ravel()
+    acc = np.asarray(accuracies, dtype=np.float64).ravel()
+    if eps.shape != acc.shape:
+        raise ValueError(f"eps_grid ({eps.size}) and accuracies ({acc.size}) differ in length")
+    below = eps[acc < target]
+    return float(below.min()) if below.size else None
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of one model
+# ---------------------------------------------------------------------------------------------
+ATTACKS = ("fgsm", "pgd_linf", "pgd_l2")
+NORMS = {"fgsm": "linf", "pgd_linf": "linf", "pgd_l2": "l2"}
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> np.ndarray:
+    with _eval_mode(model):
+        parts = [model(x[s:s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(x), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+
+
+def make_attack(name: str, cfg: dict) -> Callable:
+    """The attack ``name`` with the config's PGD settings: ``f(model, x, y, eps, generator)``."""
+    if name == "fgsm":
+        return lambda model, x, y, eps, generator=None: fgsm(model, x, y, eps)
+    if name == "pgd_linf":
+        return lambda model, x, y, eps, generator=None: pgd_linf(
+            model, x, y, eps, cfg["pgd_steps"], cfg["pgd_step_size"], cfg["pgd_random_start"], generator)
+    if name == "pgd_l2":
+        return lambda model, x, y, eps, generator=None: pgd_l2(
+            model, x, y, eps, cfg["pgd_steps"], cfg["pgd_l2_step_factor"] * eps / cfg["pgd_steps"],
+            cfg["pgd_random_start"], generator)
+    raise ValueError(f"attack: unknown {name!r}; expected one of {list(ATTACKS)}")
+
+
+def run_attack(model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor, eps: float,
+               batch_size: int, device, seed: int) -> torch.Tensor:
+    """Adversarial inputs for all of ``x`` (CPU), in batches; random starts drawn from a generator
+    seeded with ``seed``, so a (model seed, attack, ε) always gets the same start."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(0, len(x), batch_size):
+        out.append(attack(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device),
+                          eps, generator=generator).cpu())
+    return torch.cat(out)
+
+
+def grids(cfg: dict) -> dict[str, list[float]]:
+    return {"fgsm": list(cfg["adv_eps_linf"]), "pgd_linf": list(cfg["adv_eps_linf"]),
+            "pgd_l2": list(cfg["adv_eps_l2"])}
+
+
+def transfer_eps(eps_grid, wanted: float = TRANSFER_EPS_LINF) -> float | None:
+    """The positive grid value nearest to ``wanted`` (config ``adv_transfer_eps``; None if the
+    grid has no positive value)."""
+    positive = [e for e in eps_grid if e > 0]
+    return min(positive, key=lambda e: (abs(e - wanted), e)) if positive else None
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict, device, seed: int,
+                   keep_eps: float | None = None, desc: str = "") -> tuple[dict, torch.Tensor | None]:
+    """Accuracy and success rate of every attack at every ε, plus the robustness margins.
+    Returns ``(result, x_adv)`` with the PGD-L∞ inputs at ``keep_eps`` (for transferability)."""
+    y_np = y.numpy()
+    clean_correct = predict_labels(model, x, cfg["eval_batch_size"], device) == y_np
+    result = {"seed": seed, "clean_accuracy": float(clean_correct.mean()), "attacks": {}}
+    kept = None
+    jobs = [(a, e) for a, grid in grids(cfg).items() for e in grid]
+    per_attack = {a: {"eps": grids(cfg)[a], "accuracy": [], "success_rate": []} for a in ATTACKS}
+    for name, eps in tqdm(jobs, desc=desc or f"attacks s{seed}", leave=False):
+        if eps == 0:  # every attack is the identity at ε = 0
+            adv_correct = clean_correct
+        else:
+            x_adv = run_attack(model, make_attack(name, cfg), x, y, eps, cfg["eval_batch_size"], device, seed)
+            adv_correct = predict_labels(model, x_adv, cfg["eval_batch_size"], device) == y_np
+            if name == "pgd_linf" and keep_eps is not None and eps == keep_eps:
+                kept = x_adv
+        per_attack[name]["accuracy"].append(float(adv_correct.mean()))
+        per_attack[name]["success_rate"].append(success_rate(clean_correct, adv_correct))
+    for name, entry in per_attack.items():
+        entry["robustness_margin"] = robustness_margin(entry["eps"], entry["accuracy"],
+                                                       cfg["adv_target_accuracy"])
+        result["attacks"][name] = entry
+    return result, kept
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation and outputs
+# ---------------------------------------------------------------------------------------------
+def _nan_if_none(v):
+    return math.nan if v is None else v
+
+
+def summarise(per_model: dict[str, list[dict]], cfg: dict) -> dict:
+    """Means with 95% t intervals over models, per kind, attack and ε; the paired difference
+    retrained − original over seeds when both kinds are present."""
+    summary = {}
+    for kind, results in per_model.items():
+        out = {"clean_accuracy": mean_ci([r["clean_accuracy"] for r in results])}
+        for name in ATTACKS:
+            acc = np.array([r["attacks"][name]["accuracy"] for r in results])
+            sr = np.array([r["attacks"][name]["success_rate"] for r in results], dtype=np.float64)
+            margins = [r["attacks"][name]["robustness_margin"] for r in results]
+            out[name] = {"eps": grids(cfg)[name],
+                         "accuracy": [mean_ci(acc[:, j]) for j in range(acc.shape[1])],
+                         "success_rate": [mean_ci(sr[:, j]) for j in range(sr.shape[1])],
+                         "robustness_margin": mean_ci([_nan_if_none(m) for m in margins]),
+                         "n_models_without_margin": sum(m is None for m in margins)}
+        summary[kind] = out
+    comparison = None
+    if "original" in per_model and "retrained" in per_model:
+        orig = {r["seed"]: r for r in per_model["original"]}
+        retr = {r["seed"]: r for r in per_model["retrained"]}
+        seeds = sorted(set(orig) & set(retr))
+        comparison = {"seeds": seeds, "clean_accuracy": paired_difference(
+            [orig[s]["clean_accuracy"] for s in seeds], [retr[s]["clean_accuracy"] for s in seeds])}
+        for name in ATTACKS:
+            a = np.array([orig[s]["attacks"][name]["accuracy"] for s in seeds])
+            b = np.array([retr[s]["attacks"][name]["accuracy"] for s in seeds])
+            ma = [orig[s]["attacks"][name]["robustness_margin"] for s in seeds]
+            mb = [retr[s]["attacks"][name]["robustness_margin"] for s in seeds]
+            comparison[name] = {
+                "accuracy": [paired_difference(a[:, j], b[:, j]) for j in range(a.shape[1])],
+                # a margin that is never reached has no value to pair
+                "robustness_margin": (paired_difference(ma, mb)
+                                      if all(m is not None for m in ma + mb) else None)}
+    return {"per_kind": summary, "retrained_minus_original": comparison}
+
+
+def transfer_matrix(models: dict[str, dict[int, nn.Module]], adv: dict[str, dict[int, torch.Tensor]],
+                    y: torch.Tensor, batch_size: int, device) -> dict:
+    """Accuracy of each target kind's model on the PGD-L∞ inputs crafted on the source kind's
+    model of the same seed: per seed and averaged over seeds (rows = source, columns = target)."""
+    kinds = [k for k in models if k in adv]
+    y_np = y.numpy()
+    per_seed = {}
+    for seed in sorted(set.intersection(*(set(adv[k]) for k in kinds))):
+        per_seed[seed] = {src: {tgt: float((predict_labels(models[tgt][seed], adv[src][seed], batch_size,
+                                                            device) == y_np).mean())
+                                for tgt in kinds} for src in kinds}
+    mean = {src: {tgt: mean_ci([per_seed[s][src][tgt] for s in per_seed]) for tgt in kinds}
+            for src in kinds}
+    matrix = [[mean[src][tgt]["mean"] for tgt in kinds] for src in kinds]
+    return {"kinds": kinds, "matrix_mean_accuracy": matrix, "mean": mean,
+            "per_seed": {str(s): v for s, v in per_seed.items()}}
+
+
+def csv_rows(per_model: dict[str, list[dict]]):
+    for kind, results in per_model.items():
+        for r in results:
+            for name in ATTACKS:
+                entry = r["attacks"][name]
+                for eps, acc, sr in zip(entry["eps"], entry["accuracy"], entry["success_rate"]):
+                    yield [kind, r["seed"], name, NORMS[name], float(eps), float(acc), float(sr)]
+
+
+def plot(summary: dict, cfg: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"fgsm": "FGSM (L∞)", "pgd_linf": "PGD (L∞)", "pgd_l2": "PGD (L2)"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, name in zip(axes, ATTACKS):
+        for kind, colour in (("original", "tab:blue"), ("retrained", "tab:orange")):
+            if kind not in summary["per_kind"]:
+                continue
+            entry = summary["per_kind"][kind][name]
+            eps = entry["eps"]
+            mean = [c["mean"] for c in entry["accuracy"]]
+            ax.plot(eps, mean, "o-", color=colour, label=f"{kind} (n={entry['accuracy'][0]['n']})")
+            ax.fill_between(eps, [c["ci_low"] for c in entry["accuracy"]],
+                            [c["ci_high"] for c in entry["accuracy"]], color=colour, alpha=0.2)
+        ax.axhline(cfg["adv_target_accuracy"], color="grey", ls="--", lw=0.8)
+        ax.set_title(titles[name])
+        ax.set_xlabel("ε (" + ("L∞" if NORMS[name] == "linf" else "L2") + ")")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean, 95% CI over models)")
+    axes[0].legend(loc="lower left")
+    fig.tight_layout()
+    artifacts.atomic_savefig(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(anchored("configs/default.yaml")),
+                        help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    return parser.parse_args(argv)
+
+
+def _check_config(cfg: dict) -> None:
+    for key in ("adv_eps_linf", "adv_eps_l2"):
+        if not cfg[key] or any(e < 0 for e in cfg[key]):
+            raise ConfigError(f"config: key {key!r} must be a non-empty list of eps >= 0, got {cfg[key]!r}")
+    for key in ("pgd_step_size", "pgd_l2_step_factor"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"config: key {key!r} must be > 0, got {cfg[key]!r}")
+
+
+def run(cfg: dict) -> dict:
+    start = time.perf_counter()
+    _check_config(cfg)
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    artifacts.set_seed(cfg["seed"])
+    device = resolve_device(cfg)
+    seeds = artifacts.model_seeds(cfg)
+    # fail fast, before loading data, with the name of a missing original checkpoint
+    for seed in seeds:
+        path = artifacts.checkpoint_path(cfg, seed, "cnn")
+        if not path.is_file():
+            raise artifacts.ArtifactError(f"{path}: no trained model (run `python main.py --config ...` first)")
+    retrained_present = any(artifacts.checkpoint_path(cfg, s, "retrained").is_file() for s in seeds)
+    ds = load_dataset(cfg)
+    n = cfg["adv_n_test"] or len(ds.x_test)
+    x, y = ds.x_test[:n], ds.y_test[:n]
+    kinds = ["original"] + (["retrained"] if retrained_present else [])
+    models = {kind: {s: m for s, m, _ in artifacts.load_models(cfg, ds.fingerprint, KINDS[kind], device)}
+              for kind in kinds}
+    note = None
+    if not retrained_present:
+        note = ("no retrained models (run `python main.py -is_retrain True`): evaluated the original "
+                "models only; the transfer matrix is original → original")
+        print(f"[adversarial] {note}")
+    t_eps = transfer_eps(cfg["adv_eps_linf"], cfg["adv_transfer_eps"])
+    per_model, adv = {}, {}
+    for kind in kinds:
+        per_model[kind], adv[kind] = [], {}
+        for seed, model in models[kind].items():
+            result, kept = evaluate_model(model, x, y, cfg, device, seed, t_eps, desc=f"{kind} s{seed}")
+            per_model[kind].append(result)
+            if kept is not None:
+                adv[kind][seed] = kept
+            print(f"[adversarial] {kind} seed {seed}: clean {result['clean_accuracy']:.4f}, " + ", ".join(
+                f"{a} margin {result['attacks'][a]['robustness_margin']}" for a in ATTACKS))
+    summary = summarise(per_model, cfg)
+    transfer = {"eps_linf": t_eps, "attack": "pgd_linf", "n_test": int(n), "note": note}
+    if t_eps is not None:
+        transfer.update(transfer_matrix(models, adv, y, cfg["eval_batch_size"], device))
+    out = artifacts.results_dir(cfg)
+    report = {
+        "n_test": int(n), "kinds": kinds, "retrained_present": retrained_present, "note": note,
+        "target_accuracy": cfg["adv_target_accuracy"],
+        "attacks": {a: {"norm": NORMS[a], "eps": grids(cfg)[a]} for a in ATTACKS},
+        "pgd": {"steps": cfg["pgd_steps"], "step_size_linf": cfg["pgd_step_size"],
+                "l2_step_factor": cfg["pgd_l2_step_factor"], "random_start": cfg["pgd_random_start"]},
+        "dataset_fingerprint": ds.fingerprint,
+        "per_model": per_model, **summary, "transfer": transfer,
+    }
+    artifacts.atomic_write_json(out / "adversarial.json", report)
+    artifacts.atomic_write_csv(out / "adversarial.csv",
+                               ["kind", "seed", "attack", "norm", "eps", "accuracy", "success_rate"],
+                               csv_rows(per_model))
+    plot(summary, cfg, out / "adversarial.png")
+    artifacts.atomic_write_json(out / "transfer.json", transfer)
+    seconds = time.perf_counter() - start
+    margins = {kind: {a: summary["per_kind"][kind][a]["robustness_margin"]["mean"] for a in ATTACKS}
+               for kind in kinds}
+    artifacts.update_manifest(cfg, "adversarial", seconds, ds.fingerprint,
+                              extra={"kinds": kinds, "n_test": int(n), "transfer_eps_linf": t_eps,
+                                     "mean_robustness_margin": margins})
+    for kind in kinds:
+        print(f"[adversarial] {kind}: mean robustness margin " + ", ".join(
+            f"{a} {margins[kind][a]:.3g}" for a in ATTACKS) + f" (accuracy < {cfg['adv_target_accuracy']})")
+    if t_eps is not None:
+        print(f"[adversarial] transfer PGD-L∞ ε={t_eps:g} accuracy (source → target): " + ", ".join(
+            f"{s}→{t} {transfer['mean'][s][t]['mean']:.3f}" for s in transfer["kinds"] for t in transfer["kinds"]))
+    print(f"[adversarial] {len(kinds)} kind(s) × {len(seeds)} models, {n} inputs in {seconds:.1f} s → {out}/adversarial.json")
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        run(cfg)
+    except (ConfigError, DatasetError, artifacts.ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Layer conductance toward the predicted class, as a misprediction signal.
+
+Wu et al. ("Leveraging Model Interpretability and Stability to increase Model Robustness",
+arXiv 1910.00387) feed the conductance of a hidden layer's neurons toward the predicted class to a
+detector of wrong predictions. Conductance (Dhamdhere et al., "How important is a neuron?",
+arXiv 1805.12233, Eq. 2) of hidden unit y_j for input x, baseline x' and output F is
+
+    Cond_j(x) = ∫_0^1 ∂F/∂y_j(x' + α(x − x')) · ∂y_j(x' + α(x − x'))/∂α dα,
+
+computed here with captum's ``LayerConductance``: the path integral is approximated on the
+``n_steps + 1`` points of captum's quadrature (Gauss-Legendre by default) as a Riemann-Stieltjes
+sum Σ_k ∂F/∂y_j(α_k) · (y_j(α_{k+1}) − y_j(α_k)).
+
+Completeness (Dhamdhere et al., Prop. 1; captum's ``compute_convergence_delta``): summed over all
+neurons of the layer, conductance equals F_target(x) − F_target(baseline); captum's ``delta`` is
+the gap Σ_j Cond_j − (F_target(x) − F_target(baseline)) of the discrete approximation. It shrinks
+as ``n_steps`` grows (for a ReLU network it comes from the kinks the discrete path steps over).
+
+Per-channel features: a conv layer's attributions N×C×H×W are averaged over H×W to N×C (the
+spatial treatment of conv activations that DSA also uses); a dense layer's N×D stay as they are.
+
+CLI: ``python conductance.py [--config configs/X.yaml] [--set key=value ...]`` writes
+``results/<run>/conductance_<split>.npz`` for every split in ``conductance_splits``: ``seeds`` (M,),
+``labels`` (N,), ``pred`` (M, N) int64, ``features`` (M, N, C) float32 per-channel conductance toward
+``pred``, ``delta`` (M, N) float64, ``f_diff`` (M, N) float64 = F_pred(x) − F_pred(baseline), and
+``layer``, ``dataset_fingerprint``, ``config_hash`` (strings).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from captum.attr import LayerConductance
+from torch import nn
+from tqdm import tqdm
+
+import artifacts
+from config import ConfigError, anchored, config_hash, load_config, resolve_device
+from mnistload import DatasetError, load_dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# the computation
+# ---------------------------------------------------------------------------------------------
+def _layer_module(model: nn.Module, layer: str | nn.Module) -> nn.Module:
+    """The module addressed by ``layer``: a module, an alias/child name of a NamedCNN
+    (``model.layer``), or a dotted name from ``model.named_modules()``."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if hasattr(model, "layer"):
+        return model.layer(layer)
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ValueError(f"layer: unknown layer {layer!r}; expected one of {sorted(k for k in modules if k)}")
+    return modules[layer]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """Logits of ``x`` (CPU float32), in batches, model in eval mode."""
+    device = device or next(model.parameters()).device
+    parts = [model(x[s:s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def endpoint_difference(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                        baseline: float = 0.0, batch_size: int = 1000,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """F_target(x) − F_target(baseline) per input, with plain forward calls (float64): the total
+    that completeness says the layer's conductance sums to."""
+    was_training = model.training
+    model.eval()
+    try:
+        fx = predict(model, x, batch_size, device).double()
+        fb = predict(model, torch.full_like(x, float(baseline)), batch_size, device).double()
+    finally:
+        model.train(was_training)
+    t = target.long().cpu()[:, None]
+    return (fx.gather(1, t) - fb.gather(1, t))[:, 0]
+
+
+def layer_conductance(model: nn.Module, x: torch.Tensor, layer: str | nn.Module = "last_conv",
+                      target: torch.Tensor | int | None = None, baseline: float = 0.0,
+                      n_steps: int = 50, internal_batch_size: int = 500,
+                      batch_size: int | None = None, device: torch.device | str | None = None,
+                      method: str = "gausslegendre", progress: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conductance of every neuron of ``layer`` toward ``target`` for inputs ``x`` (N×C×H×W).
+
+    ``target`` defaults to the model's predicted class. ``baseline`` is a constant pixel value.
+    Returns ``(attributions, delta)`` on the CPU: attributions of the layer's output shape
+    (N×C×H×W for a conv layer, N×D for a dense one), float32; ``delta`` (N,) float64 is captum's
+    convergence delta Σ_j Cond_j − (F_target(x) − F_target(baseline)).
+
+    captum evaluates ``(n_steps + 1) × inputs`` points per call, split into chunks of at most
+    ``internal_batch_size``; each chunk evaluates one step more than it advances (conductance
+    takes differences of consecutive steps). ``batch_size`` (inputs per captum call) defaults to
+    ``internal_batch_size // (n_steps + 1)`` so that each call is exactly one chunk with no
+    repeated step. The model is run in eval mode (its previous mode is restored); gradients are
+    taken with ``torch.autograd.grad`` so no ``.grad`` is left on the parameters.
+    """
+    if x.dim() < 2 or len(x) == 0:
+        raise ValueError(f"x: expected a non-empty batch N×..., got shape {tuple(x.shape)}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps: expected >= 1, got {n_steps}")
+    if internal_batch_size < 2:
+        raise ValueError(f"internal_batch_size: expected >= 2, got {internal_batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_size is None:
+        batch_size = max(1, internal_batch_size // (n_steps + 1))
+    module = _layer_module(model, layer)
+    was_training = model.training
+    model.eval()
+    try:
+        if target is None:
+            target = predict(model, x, max(batch_size, 256), device).argmax(1)
+        elif isinstance(target, int):
+            target = torch.full((len(x),), target, dtype=torch.long)
+        target = torch.as_tensor(target).long().cpu()
+        if target.shape != (len(x),):
+            raise ValueError(f"target: expected {len(x)} labels, got shape {tuple(target.shape)}")
+        cond = LayerConductance(model, module)
+        attrs, deltas = [], []
+        starts = range(0, len(x), batch_size)
+        for s in tqdm(starts, desc="conductance", disable=not progress, leave=False):
+            xb = x[s:s + batch_size].to(device)
+            tb = target[s:s + batch_size].to(device)
+            with warnings.catch_warnings():
+                # captum warns when internal_batch_size < 2·len(xb); we pass a valid setting or
+                # accept its documented fallback (chunks of two steps) for a caller's batch_size.
+                warnings.simplefilter("ignore", UserWarning)
+                attr, delta = cond.attribute(xb, baselines=float(baseline), target=tb,
+                                             n_steps=n_steps, method=method,
+                                             internal_batch_size=internal_batch_size,
+                                             return_convergence_delta=True)
+            attrs.append(attr.detach().float().cpu())
+            deltas.append(delta.detach().double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(attrs), torch.cat(deltas)
+
+
+def channel_features(attr: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Per-channel conductance: mean over the spatial positions H×W of N×C×H×W → N×C; a dense
+    layer's N×D is returned unchanged."""
+    if attr.ndim == 4:
+        return attr.mean(axis=(2, 3)) if isinstance(attr, np.ndarray) else attr.mean(dim=(2, 3))
+    if attr.ndim == 2:
+        return attr
+    raise ValueError(f"attr: expected N×C×H×W or N×D, got shape {tuple(attr.shape)}")
+
+
+def delta_summary(delta: np.ndarray, f_diff: np.ndarray) -> dict:
+    """Convergence-delta summary: |delta| absolute and relative to |F(x) − F(baseline)|."""
+    delta = np.abs(np.asarray(delta, dtype=np.float64)).ravel()
+    scale = np.abs(np.asarray(f_diff, dtype=np.float64)).ravel()
+    rel = delta / np.maximum(scale, 1e-12)
+    return {"median_abs_delta": float(np.median(delta)), "max_abs_delta": float(delta.max()),
+            "median_rel_delta": float(np.median(rel)), "max_rel_delta": float(rel.max()),
+            "n": int(delta.size)}
+
+
+def conductance_split(models, x: torch.Tensor, cfg: dict, device) -> dict[str, np.ndarray]:
+    """Per model: predictions, per-channel conductance toward the prediction, delta, F(x)−F(x')."""
+    pred, feats, deltas, fdiffs = [], [], [], []
+    for seed, model, _meta in tqdm(models, desc="models", leave=False):
+        p = predict(model, x, cfg["eval_batch_size"], device).argmax(1)
+        attr, delta = layer_conductance(
+            model, x, cfg["conductance_layer"], target=p, baseline=cfg["conductance_baseline"],
+            n_steps=cfg["conductance_n_steps"],
+            internal_batch_size=cfg["conductance_internal_batch_size"], device=device, progress=True)
+        pred.append(p.numpy().astype(np.int64))
+        feats.append(channel_features(attr).numpy().astype(np.float32))
+        deltas.append(delta.numpy().astype(np.float64))
+        fdiffs.append(endpoint_difference(model, x, p, cfg["conductance_baseline"],
+                                          cfg["eval_batch_size"], device).numpy())
+    return {"pred": np.stack(pred), "features": np.stack(feats), "delta": np.stack(deltas),
+            "f_diff": np.stack(fdiffs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(anchored("configs/default.yaml")),
+                        help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    return parser.parse_args(argv)
+
+
+def run(cfg: dict) -> dict:
+    start = time.perf_counter()
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    artifacts.set_seed(cfg["seed"])  # nothing here is random; kept for one seed per stage
+    device = resolve_device(cfg)
+    # fail fast (before loading data) with the missing checkpoint's name
+    for seed in artifacts.model_seeds(cfg):
+        path = artifacts.checkpoint_path(cfg, seed, "cnn")
+        if not path.is_file():
+            raise artifacts.ArtifactError(f"{path}: no trained model (run `python main.py --config ...` first)")
+    ds = load_dataset(cfg)
+    models = artifacts.load_models(cfg, ds.fingerprint, "cnn", device=device)
+    seeds = np.array([s for s, _, _ in models], dtype=np.int64)
+    out_dir = artifacts.results_dir(cfg)
+    summary = {}
+    for split in cfg["conductance_splits"]:
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        res = conductance_split(models, x, cfg, device)
+        artifacts.atomic_savez(out_dir / f"conductance_{split}.npz", seeds=seeds,
+                               labels=np.asarray(y, dtype=np.int64), **res,
+                               layer=np.array(cfg["conductance_layer"]),
+                               dataset_fingerprint=np.array(ds.fingerprint),
+                               config_hash=np.array(config_hash(cfg)))
+        summary[split] = delta_summary(res["delta"], res["f_diff"])
+        s = summary[split]
+        print(f"[conductance] {split}: {res['features'].shape[0]} models x {res['features'].shape[1]} inputs "
+              f"x {res['features'].shape[2]} channels of {cfg['conductance_layer']}; |delta|/|F(x)-F(x')| "
+              f"median {s['median_rel_delta']:.2e}, max {s['max_rel_delta']:.2e}")
+    seconds = time.perf_counter() - start
+    artifacts.update_manifest(cfg, "conductance", seconds, ds.fingerprint,
+                              extra={"layer": cfg["conductance_layer"],
+                                     "n_steps": cfg["conductance_n_steps"],
+                                     "convergence_delta": summary})
+    print(f"[conductance] {len(models)} models, splits {cfg['conductance_splits']} in {seconds:.1f} s "
+          f"→ {out_dir}/conductance_{{{','.join(cfg['conductance_splits'])}}}.npz")
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        run(cfg)
+    except (ConfigError, DatasetError, artifacts.ArtifactError, ValueError, KeyError) as exc:
+        # one line naming the file or key (KeyError: an unknown conductance_layer)
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
