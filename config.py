@@ -28,7 +28,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "split_seed": (0, "seed of the deterministic stratified split"),
     # --- models and training ------------------------------------------------------------------
     "seed": (0, "base seed: model i is trained with seed + i"),
-    "n_models": (3, "number of models trained with different seeds"),
+    "n_models": (5, "number of models trained with different seeds"),
     "arch": ("mnist_convnet", "mnist_convnet | cifar_cnn"),
     "n_classes": (10, "number of classes"),
     "batch_size": (128, "training mini-batch size"),

@@ -79,7 +79,10 @@ def paired_difference(before, after, level: float = 0.95) -> dict:
     diff = b - a
     out = {"difference": mean_ci(diff, level), "t_statistic": math.nan, "t_pvalue": math.nan,
            "wilcoxon_pvalue": math.nan, "n": int(len(diff))}
-    if len(diff) >= 2 and np.any(diff != diff[0]):
+    # a t statistic needs spread: differences equal up to rounding give no test (avoid scipy's
+    # catastrophic-cancellation warning and a meaningless p-value)
+    spread = np.ptp(diff) if len(diff) else 0.0
+    if len(diff) >= 2 and spread > 1e-12 * max(1.0, float(np.abs(diff).max())):
         t = stats.ttest_rel(b, a)
         out["t_statistic"], out["t_pvalue"] = float(t.statistic), float(t.pvalue)
     if len(diff) >= 1 and np.any(diff != 0):
