@@ -1,0 +1,168 @@
+"""Robustness radius of trained models: the DeepFool measurement that main.py runs on the original
+and on the retrained models (DESIGN.md, "Robustness radius").
+
+For each test input x: r̂(x) = DeepFool's minimal perturbation for the model's own prediction,
+radius_l2 = ‖r̂‖₂ (what the corner-case paper averages) and ρ = ‖r̂‖₂/‖x‖₂ (the DeepFool paper's
+ρ_adv = mean ρ over the test set, arXiv 1511.04599 eq. 15). Inputs DeepFool did not flip within
+deepfool_max_iter keep the perturbation it reached and are counted in ``nonconverged_fraction``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import artifacts
+from deepfool import deepfool
+from metrics import mean_ci
+
+COLUMNS = ("index", "label", "pred", "radius_l2", "rho", "iterations", "adv_label", "converged")
+TAGS = ("original", "retrained")
+# Summary fields averaged across models (mean ± 95% t-interval over seeds).
+ACROSS_MODEL_FIELDS = ("mean_radius_l2", "median_radius_l2", "rho_adv", "mean_radius_l2_correct",
+                       "median_radius_l2_correct", "rho_adv_correct", "nonconverged_fraction",
+                       "flipped_fraction", "mean_iterations")
+
+
+def _mean(v: np.ndarray) -> float:
+    return float(np.mean(v)) if len(v) else math.nan
+
+
+def _median(v: np.ndarray) -> float:
+    return float(np.median(v)) if len(v) else math.nan
+
+
+def measure_robustness(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict,
+                       device: torch.device | str) -> tuple[dict[str, np.ndarray], dict]:
+    """DeepFool radius of the first ``deepfool_n_test`` inputs (0 = all) of ``x`` with labels ``y``.
+
+    Returns per-input records (columns ``COLUMNS``, index = position in ``x``) and a summary.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"x ({len(x)}) and y ({len(y)}) differ in length")
+    n = len(x) if cfg["deepfool_n_test"] == 0 else min(cfg["deepfool_n_test"], len(x))
+    clip = (0.0, 1.0) if cfg["deepfool_clip"] else None
+    batch = cfg["deepfool_batch_size"]
+    model = model.to(device)
+    parts = {k: [] for k in ("pred", "radius_l2", "rho", "iterations", "adv_label", "converged")}
+    start = time.perf_counter()
+    for lo in tqdm(range(0, n, batch), desc="deepfool", unit="batch", leave=False):
+        xb = x[lo:min(lo + batch, n)]
+        out = deepfool(model, xb.to(device), num_classes=cfg["deepfool_num_classes"],
+                       overshoot=cfg["deepfool_overshoot"], max_iter=cfg["deepfool_max_iter"],
+                       clip=clip)
+        # Norms in float64 so that ρ does not depend on the summation order of float32.
+        radius = out.perturbation.detach().flatten(1).double().norm(dim=1).cpu().numpy()
+        norm_x = xb.detach().flatten(1).double().norm(dim=1).cpu().numpy()
+        parts["pred"].append(out.orig_label.cpu().numpy())
+        parts["radius_l2"].append(radius)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            parts["rho"].append(radius / norm_x)
+        parts["iterations"].append(out.iterations.cpu().numpy())
+        parts["adv_label"].append(out.adv_label.cpu().numpy())
+        parts["converged"].append(out.converged.cpu().numpy())
+    seconds = time.perf_counter() - start
+
+    def cat(key, dtype):
+        return np.concatenate(parts[key]).astype(dtype) if parts[key] else np.zeros(0, dtype)
+
+    records = {
+        "index": np.arange(n, dtype=np.int64),
+        "label": np.asarray(y[:n].cpu() if torch.is_tensor(y) else y[:n]).astype(np.int64),
+        "pred": cat("pred", np.int64),
+        "radius_l2": cat("radius_l2", np.float64),
+        "rho": cat("rho", np.float64),
+        "iterations": cat("iterations", np.int64),
+        "adv_label": cat("adv_label", np.int64),
+        "converged": cat("converged", bool),
+    }
+    return records, summarize(records, seconds)
+
+
+def summarize(records: dict[str, np.ndarray], seconds: float = math.nan) -> dict:
+    """Summary of one model's records: over all inputs and over the correctly classified ones."""
+    correct = records["label"] == records["pred"]
+    radius, rho = records["radius_l2"], records["rho"]
+    n = len(radius)
+    return {
+        "n": int(n),
+        "n_correct": int(correct.sum()),
+        "accuracy": _mean(correct.astype(np.float64)),
+        "mean_radius_l2": _mean(radius),
+        "median_radius_l2": _median(radius),
+        "rho_adv": _mean(rho),
+        "mean_radius_l2_correct": _mean(radius[correct]),
+        "median_radius_l2_correct": _median(radius[correct]),
+        "rho_adv_correct": _mean(rho[correct]),
+        "nonconverged_fraction": _mean((~records["converged"]).astype(np.float64)),
+        "flipped_fraction": _mean((records["adv_label"] != records["pred"]).astype(np.float64)),
+        "mean_iterations": _mean(records["iterations"].astype(np.float64)),
+        "seconds": float(seconds),
+    }
+
+
+def _check_records(seed: int, records: dict) -> int:
+    missing = [c for c in COLUMNS if c not in records]
+    if missing:
+        raise ValueError(f"per_model: records of seed {seed} lack columns {missing}")
+    lengths = {len(records[c]) for c in COLUMNS}
+    if len(lengths) != 1:
+        raise ValueError(f"per_model: records of seed {seed} have columns of different lengths {lengths}")
+    return lengths.pop()
+
+
+def write_robustness(cfg: dict, tag: str, per_model: list[tuple[int, dict, dict]]) -> dict:
+    """Write ``results/<run>/robustness_<tag>.{csv,json,png}`` for ``[(seed, records, summary)]``
+    and return the JSON content."""
+    if tag not in TAGS:
+        raise ValueError(f"tag: expected one of {list(TAGS)}, got {tag!r}")
+    if not per_model:
+        raise ValueError("per_model: expected at least one (seed, records, summary)")
+    folder = artifacts.results_dir(cfg)
+    lengths = [_check_records(seed, rec) for seed, rec, _ in per_model]
+
+    rows = []
+    for (seed, rec, _), n in zip(per_model, lengths):
+        for i in range(n):
+            rows.append([int(seed)] + [
+                int(rec["converged"][i]) if c == "converged" else
+                float(rec[c][i]) if c in ("radius_l2", "rho") else int(rec[c][i])
+                for c in COLUMNS])
+    artifacts.atomic_write_csv(folder / f"robustness_{tag}.csv", ["seed", *COLUMNS], rows)
+
+    result = {
+        "run": cfg["name"],
+        "tag": tag,
+        "deepfool": {k: cfg[k] for k in ("deepfool_num_classes", "deepfool_overshoot",
+                                         "deepfool_max_iter", "deepfool_clip", "deepfool_n_test")},
+        "models": [{"seed": int(seed), **summary} for seed, _, summary in per_model],
+        "across_models": {f: mean_ci([s[f] for _, _, s in per_model]) for f in ACROSS_MODEL_FIELDS
+                          if all(f in s for _, _, s in per_model)},
+    }
+    artifacts.atomic_write_json(folder / f"robustness_{tag}.json", result)
+    _plot_histogram(folder / f"robustness_{tag}.png", tag, cfg["name"], per_model)
+    return result
+
+
+def _plot_histogram(path, tag: str, run: str, per_model) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    radii = [np.asarray(rec["radius_l2"], dtype=np.float64) for _, rec, _ in per_model]
+    finite = np.concatenate([r[np.isfinite(r)] for r in radii])
+    hi = float(finite.max()) if len(finite) else 1.0
+    bins = np.linspace(0.0, hi if hi > 0 else 1.0, 41)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for (seed, _, summary), r in zip(per_model, radii):
+        ax.hist(r[np.isfinite(r)], bins=bins, histtype="step", linewidth=1.2,
+                label=f"seed {seed} (mean {summary.get('mean_radius_l2', float('nan')):.3f})")
+    ax.set_xlabel("DeepFool robustness radius ‖r̂‖₂")
+    ax.set_ylabel("test inputs")
+    ax.set_title(f"DeepFool radius, {tag} models ({run})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    artifacts.atomic_savefig(fig, path)

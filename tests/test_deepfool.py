@@ -1,0 +1,341 @@
+"""Known-answer tests of the batched DeepFool (deepfool.py) and the robustness stage (robustness.py).
+
+References written plainly here: the closed-form minimal perturbation of an affine classifier
+(DeepFool paper, arXiv 1511.04599, eq. 4 and Algorithm 2 with one step), and a one-image-at-a-time
+transcription of the LTS4 reference loop with one backward per class.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import artifacts  # noqa: E402
+import robustness  # noqa: E402
+from config import load_config  # noqa: E402
+from deepfool import deepfool  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread avoids OpenMP barriers stalling on a busy machine
+    (runs after conftest's per-test thread setting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------
+# models and references
+# ------------------------------------------------------------------------------------------------
+def small_cnn(seed: int = 0, n_classes: int = 6, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, n_classes))
+    return model.to(dtype).eval()
+
+
+def reference_deepfool(model, image, num_classes, overshoot, max_iter, clip=None):
+    """The LTS4 loop for one image: candidates from the clean logits, one backward per class."""
+    with torch.no_grad():
+        clean = model(image[None])[0]
+    order = torch.argsort(clean, descending=True)[:num_classes]
+    label = int(order[0])
+    r_tot = torch.zeros_like(image)
+    point = image.clone()
+    k_i, loop_i = label, 0
+    while k_i == label and loop_i < max_iter:
+        xv = point.clone().requires_grad_(True)
+        fs = model(xv[None])[0]
+        grads = [torch.autograd.grad(fs[order[k]], xv, retain_graph=True)[0] for k in range(num_classes)]
+        pert, w = math.inf, None
+        for k in range(1, num_classes):
+            w_k = grads[k] - grads[0]
+            f_k = float((fs[order[k]] - fs[order[0]]).detach())
+            pert_k = abs(f_k) / float(w_k.norm())
+            if pert_k < pert:
+                pert, w = pert_k, w_k
+        r_tot = r_tot + (pert + 1e-4) * w / w.norm()
+        point = image + (1 + overshoot) * r_tot
+        if clip is not None:
+            point = point.clamp(*clip)
+        with torch.no_grad():
+            k_i = int(model(point[None])[0].argmax())
+        loop_i += 1
+    return point - image, loop_i, label, k_i
+
+
+def random_images(n, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# affine classifiers: closed form
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_classes,num_classes", [(2, 2), (5, 5), (7, 4)])
+def test_affine_classifier_matches_closed_form(n_classes, num_classes):
+    torch.manual_seed(3)
+    d = 12
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, n_classes)).double().eval()
+    x = torch.randn(20, 1, 3, 4, dtype=torch.float64)
+    overshoot = 0.02
+    out = deepfool(model, x, num_classes=num_classes, overshoot=overshoot, max_iter=50)
+
+    W = model[1].weight.detach().numpy()
+    b = model[1].bias.detach().numpy()
+    for i in range(len(x)):
+        xi = x[i].numpy().ravel()
+        f = W @ xi + b
+        top = np.argsort(-f)[:num_classes]
+        o = top[0]
+        # distance to each linear boundary f_k = f_o: |f_k - f_o| / ||w_k - w_o|| (eq. 4 / Alg. 2)
+        dists = [abs(f[k] - f[o]) / np.linalg.norm(W[k] - W[o]) for k in top[1:]]
+        j = int(np.argmin(dists))
+        l = top[1:][j]
+        direction = (W[l] - W[o]) / np.linalg.norm(W[l] - W[o])
+        expected = (1 + overshoot) * (dists[j] + 1e-4) * direction
+        got = out.perturbation[i].numpy().ravel()
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+        assert int(out.orig_label[i]) == o
+        assert int(out.iterations[i]) == 1 and bool(out.converged[i])
+        # one step suffices for an affine model: f_l exceeds f_o at x + r̂
+        assert (W[l] - W[o]) @ (xi + expected) + b[l] - b[o] > 0
+        assert int(out.adv_label[i]) == int(np.argmax(W @ (xi + expected) + b))
+
+
+def test_two_class_affine_radius_is_distance_to_hyperplane():
+    # f(x) = w·x + c as two logits (0, w·x + c): the minimal perturbation is |f(x)|/‖w‖ (eq. 3)
+    w = torch.tensor([3.0, -4.0], dtype=torch.float64)  # ‖w‖ = 5
+    lin = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([torch.zeros(2, dtype=torch.float64), w]))
+        lin.bias.copy_(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    x = torch.tensor([[1.0, 2.0], [2.0, 0.5]], dtype=torch.float64)  # f = -4 and 5
+    out = deepfool(lin.eval(), x, num_classes=2, overshoot=0.0)
+    radius = out.perturbation.norm(dim=1)
+    np.testing.assert_allclose(radius.numpy(), [4 / 5 + 1e-4, 5 / 5 + 1e-4], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# batched = per-image reference
+# ------------------------------------------------------------------------------------------------
+def test_batched_matches_reference_any_batch_size_and_order():
+    model = small_cnn()
+    x = random_images(24)
+    num_classes, overshoot, max_iter = 4, 0.02, 50
+    refs = [reference_deepfool(model, x[i], num_classes, overshoot, max_iter) for i in range(len(x))]
+    assert max(r[1] for r in refs) >= 2, "fixture should need several iterations for some inputs"
+
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    for batch_size, order in [(None, torch.arange(len(x))), (5, torch.arange(len(x))), (7, perm), (1, perm)]:
+        out = deepfool(model, x[order], num_classes=num_classes, overshoot=overshoot,
+                       max_iter=max_iter, batch_size=batch_size)
+        for pos, i in enumerate(order.tolist()):
+            r_hat, iters, label, k_i = refs[i]
+            np.testing.assert_allclose(out.perturbation[pos].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+            assert int(out.iterations[pos]) == iters
+            assert int(out.orig_label[pos]) == label
+            assert int(out.adv_label[pos]) == k_i
+            assert bool(out.converged[pos]) == (k_i != label)
+
+
+class Wrapped(nn.Module):
+    """Hides the Sequential, so deepfool takes its generic autograd path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_autograd_path_matches_reference():
+    model = small_cnn(seed=1)
+    x = random_images(10, seed=3)
+    out = deepfool(Wrapped(model), x, num_classes=5, batch_size=4)
+    for i in range(len(x)):
+        r_hat, iters, label, k_i = reference_deepfool(model, x[i], 5, 0.02, 50)
+        np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+        assert (int(out.iterations[i]), int(out.orig_label[i]), int(out.adv_label[i])) == (iters, label, k_i)
+
+
+def test_mnist_convnet_float32_fast_path_agrees_with_autograd_path():
+    from cnnmodel import build_model
+    torch.manual_seed(0)
+    model = build_model("mnist_convnet").eval()
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    fast = deepfool(model, x)
+    slow = deepfool(Wrapped(model), x)
+    assert torch.equal(fast.iterations, slow.iterations) and torch.equal(fast.adv_label, slow.adv_label)
+    torch.testing.assert_close(fast.perturbation, slow.perturbation, atol=1e-4, rtol=1e-4)
+    assert fast.converged.all()
+
+
+def test_converged_flips_and_previous_step_did_not():
+    model = small_cnn(seed=2)
+    x = random_images(16, seed=5)
+    out = deepfool(model, x, num_classes=6, max_iter=50)
+    assert out.converged.all()
+    with torch.no_grad():
+        assert (model(x + out.perturbation).argmax(1) != out.orig_label).all()
+    multi = out.iterations >= 2
+    assert multi.any()
+    for t in sorted(set(out.iterations[multi].tolist())):
+        rows = out.iterations == t
+        before = deepfool(model, x[rows], num_classes=6, max_iter=t - 1)
+        assert not before.converged.any()
+        assert (before.iterations == t - 1).all()
+        with torch.no_grad():
+            assert (model(x[rows] + before.perturbation).argmax(1) == out.orig_label[rows]).all()
+
+
+def test_max_iter_reached_means_not_converged():
+    model = small_cnn()
+    x = random_images(24)
+    full = deepfool(model, x, num_classes=4)
+    needs_more = full.iterations >= 2
+    assert needs_more.any()
+    one = deepfool(model, x[needs_more], num_classes=4, max_iter=1)
+    assert (~one.converged).all() and (one.iterations == 1).all()
+    assert (one.adv_label == one.orig_label).all()
+
+
+class NeverFlips(nn.Module):
+    """Logits (10 + ‖x‖², 0): class 0 wins everywhere, so DeepFool can never succeed."""
+
+    def forward(self, x):
+        s = 10 + (x.flatten(1) ** 2).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_model_that_never_flips_runs_to_max_iter():
+    x = random_images(3) + 0.5
+    out = deepfool(NeverFlips(), x, num_classes=2, max_iter=7)
+    assert (~out.converged).all()
+    assert (out.iterations == 7).all()
+    assert (out.adv_label == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# side effects, clipping, input checks
+# ------------------------------------------------------------------------------------------------
+class ModeRecorder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.inner(x)
+
+
+def test_no_parameter_gradients_and_mode_restored():
+    model = ModeRecorder(small_cnn())
+    model.train()
+    deepfool(model, random_images(6), num_classes=4)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.modes and not any(model.modes), "the forward passes must run in eval mode"
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    deepfool(model, random_images(2), num_classes=4)
+    assert not model.training
+
+
+def test_clip_keeps_adversarial_in_box_and_matches_reference():
+    model = small_cnn(seed=4)
+    x = random_images(12, seed=7)
+    out = deepfool(model, x, num_classes=4, clip=(0.0, 1.0))
+    assert out.adversarial.min() >= 0.0 and out.adversarial.max() <= 1.0
+    torch.testing.assert_close(out.adversarial, x + out.perturbation, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        labels = model(out.adversarial).argmax(1)
+    assert torch.equal(labels[out.converged] != out.orig_label[out.converged],
+                       torch.ones(int(out.converged.sum()), dtype=torch.bool))
+    for i in range(len(x)):
+        r_hat, iters, _, _ = reference_deepfool(model, x[i], 4, 0.02, 50, clip=(0.0, 1.0))
+        np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+        assert int(out.iterations[i]) == iters
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = small_cnn()
+    x = random_images(2)
+    with pytest.raises(ValueError, match="x"):
+        deepfool(model, torch.rand(2, 1, 7, 9, dtype=torch.float64))  # does not fit the network
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        deepfool(model, bad)
+    with pytest.raises(ValueError, match="num_classes"):
+        deepfool(model, x, num_classes=7)  # the model has 6 logits
+    with pytest.raises(ValueError, match="x"):
+        deepfool(model, torch.rand(64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_iter"):
+        deepfool(model, x, max_iter=0, num_classes=4)
+    from cnnmodel import build_model
+    with pytest.raises(ValueError, match="28"):
+        deepfool(build_model("mnist_convnet"), torch.rand(2, 1, 27, 27))
+
+
+# ------------------------------------------------------------------------------------------------
+# robustness stage on a tiny model
+# ------------------------------------------------------------------------------------------------
+def test_measure_and_write_robustness(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "results_dir", lambda cfg: tmp_path / "results" / cfg["name"])
+    cfg = load_config(None, ["name=tiny", "deepfool_num_classes=4", "deepfool_n_test=10",
+                             "deepfool_batch_size=4", "device=cpu"])
+    x = random_images(14, seed=9)
+    per_model = []
+    for seed in (0, 1, 2):
+        model = small_cnn(seed=seed)
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        y = pred.clone()
+        y[:3] = (pred[:3] + 1) % 6  # three wrong labels
+        records, summary = robustness.measure_robustness(model, x, y, cfg, torch.device("cpu"))
+        assert summary["n"] == 10 and len(records["index"]) == 10
+        np.testing.assert_array_equal(records["pred"], pred[:10].numpy())
+        ref = deepfool(model, x[:10], num_classes=4)
+        radius = ref.perturbation.flatten(1).norm(dim=1).numpy()
+        np.testing.assert_allclose(records["radius_l2"], radius, rtol=1e-6)
+        rho = radius / x[:10].flatten(1).norm(dim=1).numpy()
+        np.testing.assert_allclose(summary["rho_adv"], rho.mean(), rtol=1e-6)
+        correct = records["label"] == records["pred"]
+        assert summary["n_correct"] == 7
+        np.testing.assert_allclose(summary["rho_adv_correct"], rho[correct].mean(), rtol=1e-6)
+        np.testing.assert_allclose(summary["median_radius_l2"], np.median(radius), rtol=1e-6)
+        per_model.append((seed, records, summary))
+
+    out = robustness.write_robustness(cfg, "original", per_model)
+    folder = tmp_path / "results" / "tiny"
+    with open(folder / "robustness_original.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["seed", "index", "label", "pred", "radius_l2", "rho", "iterations",
+                       "adv_label", "converged"]
+    assert len(rows) == 1 + 3 * 10
+    assert sorted({r[0] for r in rows[1:]}) == ["0", "1", "2"]
+    data = json.loads((folder / "robustness_original.json").read_text())
+    assert data == json.loads(json.dumps(out))
+    assert len(data["models"]) == 3
+    agg = data["across_models"]["rho_adv"]
+    values = [s["rho_adv"] for _, _, s in per_model]
+    assert agg["ci_low"] <= agg["mean"] <= agg["ci_high"]
+    np.testing.assert_allclose(agg["mean"], np.mean(values), rtol=1e-9)
+    assert (folder / "robustness_original.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="tag"):
+        robustness.write_robustness(cfg, "other", per_model)
