@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from config import ConfigError, anchored, load_config, resolve_device
+from config import ConfigError, anchored, resolve_device, load_stage_config, stage_parser
 from metrics import mean_ci, paired_difference
 from mnistload import DatasetError, load_dataset
 
@@ -374,11 +374,7 @@ def plot(summary: dict, cfg: dict, path) -> None:
 # CLI
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(anchored("configs/default.yaml")),
-                        help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    parser = stage_parser(__doc__.split("\n\n")[0])
     return parser.parse_args(argv)
 
 
@@ -466,7 +462,7 @@ def run(cfg: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_stage_config(args)
         run(cfg)
     except (ConfigError, DatasetError, artifacts.ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)

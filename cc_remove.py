@@ -28,16 +28,14 @@ from tqdm import tqdm
 from artifacts import (ArtifactError, atomic_savefig, atomic_savez, atomic_write_json, load_models,
                        results_dir, update_manifest)
 from cnnmodel import layer_activations
-from config import ConfigError, config_hash, load_config, resolve_device
+from config import ConfigError, config_hash, resolve_device, load_stage_config, stage_parser
 from dif_dsa import dsa
 from metrics import auroc_ci
 from mnistload import DatasetError, load_dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="DSA corner cases: score, pool over models, choose removals.")
-    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = stage_parser("DSA corner cases: score, pool over models, choose removals.")
     return p.parse_args(argv)
 
 
@@ -218,9 +216,7 @@ def dsa_histogram(test_dsa: np.ndarray, wrong: np.ndarray, cfg: dict, path) -> N
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
-        if cfg["num_threads"]:
-            torch.set_num_threads(cfg["num_threads"])
+        cfg = load_stage_config(args)
         start = time.perf_counter()
         summary = run(cfg)
         seconds = time.perf_counter() - start

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from config import ConfigError, anchored, config_hash, load_config, resolve_device
+from config import ConfigError, anchored, config_hash, resolve_device, load_stage_config, stage_parser
 from mnistload import DatasetError, load_dataset
 
 
@@ -187,11 +187,7 @@ def conductance_split(models, x: torch.Tensor, cfg: dict, device) -> dict[str, n
 # CLI
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(anchored("configs/default.yaml")),
-                        help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    parser = stage_parser(__doc__.split("\n\n")[0])
     return parser.parse_args(argv)
 
 
@@ -237,7 +233,7 @@ def run(cfg: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_stage_config(args)
         run(cfg)
     except (ConfigError, DatasetError, artifacts.ArtifactError, ValueError, KeyError) as exc:
         # one line naming the file or key (KeyError: an unknown conductance_layer)

@@ -222,3 +222,26 @@ def resolve_device(cfg: dict[str, Any]):
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg['device']!r} requested but CUDA is not available")
     return torch.device(cfg["device"])
+
+
+def stage_parser(description: str):
+    """The command line every stage shares: ``--config`` and repeatable ``--set key=value``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(anchored("configs/default.yaml")),
+                        help="experiment YAML (configs/*.yaml); relative paths from the working directory")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    return parser
+
+
+def load_stage_config(args) -> dict[str, Any]:
+    """Resolve a stage's config from its parsed ``--config``/``--set`` and apply ``num_threads``."""
+    cfg = load_config(args.config, args.set)
+    if cfg["num_threads"]:
+        import torch
+
+        torch.set_num_threads(cfg["num_threads"])
+    return cfg

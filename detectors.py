@@ -29,7 +29,7 @@ import torch
 from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_write_text, load_models,
                        load_npz, results_dir, update_manifest)
 from cnnmodel import predict_logits
-from config import ConfigError, load_config, resolve_device
+from config import ConfigError, resolve_device, load_stage_config, stage_parser
 from metrics import auroc_ci, mean_ci
 from mnistload import DatasetError, load_dataset
 
@@ -37,9 +37,7 @@ DETECTORS = ("max_softmax", "dsa", "lcr", "conductance_logreg", "conductance_mlp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Score misprediction detectors (AUROC/AUPR with CIs).")
-    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = stage_parser("Score misprediction detectors (AUROC/AUPR with CIs).")
     return p.parse_args(argv)
 
 
@@ -229,7 +227,7 @@ def roc_plot(curves: dict, seed: int, path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_stage_config(args)
         start = time.perf_counter()
         out = run(cfg)
         seconds = time.perf_counter() - start

@@ -26,7 +26,8 @@ from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_
                        checkpoint_path, load_json, model_seeds, results_dir, save_checkpoint,
                        set_seed, update_manifest, versions)
 from cnnmodel import build_model, predict
-from config import TRAINING_KEYS, ConfigError, config_hash, load_config, resolve_device
+from config import (TRAINING_KEYS, ConfigError, config_hash, load_stage_config,
+                    resolve_device, stage_parser)
 from mnistload import Dataset, DatasetError, load_dataset
 from metrics import mean_ci, paired_difference
 
@@ -46,16 +47,12 @@ def str2bool(text: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+    p = stage_parser(__doc__.split("\n\n")[0])
     # The seed repository's flags; each overrides the config key of the same name when given.
-    p.add_argument("-batch_size", type=int, help="mini-batch size (config: batch_size, default 128)")
-    p.add_argument("-learning_rate", type=float, help="Adam learning rate (default 0.0002)")
-    p.add_argument("-n_classes", type=int, help="number of classes (default 10)")
-    p.add_argument("-num_epochs", type=int, help="training epochs (default 20)")
+    p.add_argument("-batch_size", type=int, help="mini-batch size (config key batch_size)")
+    p.add_argument("-learning_rate", type=float, help="Adam learning rate (config key learning_rate)")
+    p.add_argument("-n_classes", type=int, help="number of classes (config key n_classes)")
+    p.add_argument("-num_epochs", type=int, help="training epochs (config key num_epochs)")
     p.add_argument("-is_retrain", type=str2bool, default=False, metavar="True|False",
                    help="retrain on results/<run>/kept_indices.json instead of the full training set")
     return p.parse_args(argv)
@@ -67,7 +64,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    return load_stage_config(argparse.Namespace(config=args.config, set=overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +240,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
-        if cfg["num_threads"]:
-            torch.set_num_threads(cfg["num_threads"])
         device = resolve_device(cfg)
         start = time.perf_counter()
         ds = load_dataset(cfg)

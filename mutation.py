@@ -78,7 +78,7 @@ from tqdm import tqdm
 
 import artifacts
 from artifacts import ArtifactError, atomic_savez, atomic_write_json, load_json, set_seed
-from config import ConfigError, config_hash, load_config, resolve_device
+from config import ConfigError, config_hash, resolve_device, load_stage_config, stage_parser
 
 OPERATORS = ("GF", "WS", "NAI", "NS", "GF_filter", "NAI_filter")
 FILTER_OPERATORS = ("GF_filter", "NAI_filter")
@@ -580,11 +580,7 @@ def run_mutation(cfg: dict, ds, models: list, device) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+    p = stage_parser(__doc__.split("\n\n")[0])
     return p.parse_args(argv)
 
 
@@ -593,9 +589,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
-        if cfg["num_threads"]:
-            torch.set_num_threads(cfg["num_threads"])
+        cfg = load_stage_config(args)
         set_seed(cfg["seed"])
         device = resolve_device(cfg)
         start = time.perf_counter()

@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 
 from artifacts import ArtifactError, atomic_write_text, load_json, results_dir, update_manifest
-from config import ConfigError, load_config
+from config import ConfigError, load_stage_config, stage_parser
 
 # Published figures quoted for comparison (not computed here): Wu et al. arXiv 1910.00387, CIFAR-10.
 WU_ET_AL_CIFAR10_AUROC = {"conductance": 0.927, "lcr": 0.887, "lcr+conductance": 0.933}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write results/<run>/REPORT.md from the run's artifacts.")
-    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = stage_parser("Write results/<run>/REPORT.md from the run's artifacts.")
     return p.parse_args(argv)
 
 
@@ -198,7 +196,7 @@ def build_report(rdir: Path) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_stage_config(args)
         start = time.perf_counter()
         rdir = results_dir(cfg)
         text = build_report(rdir)
