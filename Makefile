@@ -80,8 +80,9 @@ smoke:
 	$(MAKE) --no-print-directory reproduce CONFIG=configs/smoke.yaml
 
 # Benchmarks need the trained default models (make reproduce) and, for peers, bench/requirements.txt.
+BENCH_PY   := $(if $(wildcard .venv-bench/bin/python),.venv-bench/bin/python,$(PY))
 bench: $(RES)/robustness_original.json
-	$(PY) bench/bench_deepfool.py --config $(CONFIG)
+	$(BENCH_PY) bench/bench_deepfool.py --config $(CONFIG)
 	$(PY) bench/bench_dsa.py --config $(CONFIG)
 	$(PY) bench/bench_mutation.py --config $(CONFIG)
 	$(PY) bench/bench_conductance.py --config $(CONFIG)

@@ -129,6 +129,12 @@ def section_detectors(rdir: Path) -> list[str]:
              + ". Our figures differ in dataset (MNIST subset unless configured), model and split sizes; with few wrong "
                "validation predictions the fitted detectors have little to learn from.", "",
              "![ROC curves](roc.png)"]
+    man = load_json(rdir / "manifest.json", ("stages",))
+    delta = man["stages"].get("conductance", {}).get("convergence_delta", {}).get("test")
+    if delta:
+        lines += ["", f"Conductance completeness (captum's convergence delta, test split): the layer's conductance "
+                      f"sums to F(x) − F(baseline) within a median {100 * delta['median_rel_delta']:.2f}% "
+                      f"(max {100 * delta['max_rel_delta']:.2f}%) over {delta['n']} model-input pairs."]
     return lines
 
 
