@@ -43,9 +43,9 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from config import ConfigError, anchored, resolve_device, load_stage_config, stage_parser
+from config import ConfigError, load_stage_config, resolve_device, stage_parser
 from metrics import mean_ci, paired_difference
-from mnistload import DatasetError, load_dataset
+from mnistload import load_dataset
 
 # ε (L∞) of the transferability matrix: the grid value of ``adv_eps_linf`` nearest to this.
 # 0.1 suits MNIST; a config key (``adv_transfer_eps``) would let CIFAR-10 runs choose e.g. 8/255.
@@ -459,14 +459,9 @@ def run(cfg: dict) -> dict:
     return report
 
 
+@artifacts.stage_main()
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_stage_config(args)
-        run(cfg)
-    except (ConfigError, DatasetError, artifacts.ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run(load_stage_config(parse_args(argv)))
     return 0
 
 

@@ -296,3 +296,28 @@ def load_models(cfg: dict, fingerprint: str, kind: str = "cnn",
 
 def data_dir(cfg: dict) -> Path:
     return anchored(cfg["data_dir"])
+
+
+def stage_main(*extra_errors: type[BaseException]):
+    """Decorate a stage's ``main(argv)``: a bad config, dataset or artifact (and ``extra_errors``)
+    ends the stage with one ``error: ...`` line on stderr and exit code 2, never a traceback."""
+    import functools
+
+    from config import ConfigError
+    from mnistload import DatasetError
+
+    handled = (ConfigError, DatasetError, ArtifactError, *extra_errors)
+
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(argv=None) -> int:
+            try:
+                code = main(argv)
+            except handled as exc:
+                # a KeyError's str() is its repr in quotes; its first argument is the message
+                msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                print(f"error: {msg}", file=sys.stderr)
+                return 2
+            return 0 if code is None else code
+        return wrapper
+    return decorate

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from artifacts import (ArtifactError, atomic_savefig, atomic_savez, atomic_write_json, load_models,
-                       results_dir, update_manifest)
+from artifacts import (atomic_savefig, atomic_savez, atomic_write_json, load_models,
+                       results_dir, stage_main, update_manifest)
 from cnnmodel import layer_activations
-from config import ConfigError, config_hash, resolve_device, load_stage_config, stage_parser
+from config import ConfigError, config_hash, load_stage_config, resolve_device, stage_parser
 from dif_dsa import dsa
 from metrics import auroc_ci
-from mnistload import DatasetError, load_dataset
+from mnistload import load_dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,18 +213,14 @@ def dsa_histogram(test_dsa: np.ndarray, wrong: np.ndarray, cfg: dict, path) -> N
     atomic_savefig(fig, path)
 
 
+@stage_main()
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_stage_config(args)
-        start = time.perf_counter()
-        summary = run(cfg)
-        seconds = time.perf_counter() - start
-        update_manifest(cfg, "cc_remove", seconds, summary["dataset_fingerprint"],
-                        {"n_removed": summary["n_removed"]})
-    except (ConfigError, DatasetError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(parse_args(argv))
+    start = time.perf_counter()
+    summary = run(cfg)
+    seconds = time.perf_counter() - start
+    update_manifest(cfg, "cc_remove", seconds, summary["dataset_fingerprint"],
+                    {"n_removed": summary["n_removed"]})
     for row in summary["auroc_summary"]:
         a = row["auroc"]
         print(f"[cc_remove] DSA {row['variant']}/{row['layer']}: AUROC (wrong predictions) "

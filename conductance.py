@@ -39,8 +39,8 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from config import ConfigError, anchored, config_hash, resolve_device, load_stage_config, stage_parser
-from mnistload import DatasetError, load_dataset
+from config import config_hash, load_stage_config, resolve_device, stage_parser
+from mnistload import load_dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,16 +230,9 @@ def run(cfg: dict) -> dict:
     return summary
 
 
+@artifacts.stage_main(ValueError, KeyError)  # KeyError: an unknown conductance_layer
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_stage_config(args)
-        run(cfg)
-    except (ConfigError, DatasetError, artifacts.ArtifactError, ValueError, KeyError) as exc:
-        # one line naming the file or key (KeyError: an unknown conductance_layer)
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    run(load_stage_config(parse_args(argv)))
     return 0
 
 

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_write_text, load_models,
-                       load_npz, results_dir, update_manifest)
+                       load_npz, results_dir, stage_main, update_manifest)
 from cnnmodel import predict_logits
-from config import ConfigError, resolve_device, load_stage_config, stage_parser
+from config import load_stage_config, resolve_device, stage_parser
 from metrics import auroc_ci, mean_ci
-from mnistload import DatasetError, load_dataset
+from mnistload import load_dataset
 
 DETECTORS = ("max_softmax", "dsa", "lcr", "conductance_logreg", "conductance_mlp", "lcr+conductance")
 
@@ -224,17 +224,13 @@ def roc_plot(curves: dict, seed: int, path) -> None:
     atomic_savefig(fig, path)
 
 
+@stage_main()
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_stage_config(args)
-        start = time.perf_counter()
-        out = run(cfg)
-        seconds = time.perf_counter() - start
-        update_manifest(cfg, "detectors", seconds, out["dataset_fingerprint"])
-    except (ConfigError, DatasetError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(parse_args(argv))
+    start = time.perf_counter()
+    out = run(cfg)
+    seconds = time.perf_counter() - start
+    update_manifest(cfg, "detectors", seconds, out["dataset_fingerprint"])
     best = max((r for r in out["summary"] if not np.isnan(r["auroc"]["mean"])),
                key=lambda r: r["auroc"]["mean"], default=None)
     text = ", ".join(f"{r['detector']} {r['auroc']['mean']:.3f}" for r in out["summary"])

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_write_text,
                        checkpoint_path, load_json, model_seeds, results_dir, save_checkpoint,
-                       set_seed, update_manifest, versions)
+                       set_seed, stage_main, update_manifest, versions)
 from cnnmodel import build_model, predict
-from config import (TRAINING_KEYS, ConfigError, config_hash, load_stage_config,
+from config import (TRAINING_KEYS, config_hash, load_stage_config,
                     resolve_device, stage_parser)
-from mnistload import Dataset, DatasetError, load_dataset
+from mnistload import Dataset, load_dataset
 from metrics import mean_ci, paired_difference
 
 
@@ -236,43 +236,40 @@ def _comparison_plot(cmp: dict, path) -> None:
     atomic_savefig(fig, path)
 
 
+@stage_main()
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = resolve_config(args)
-        device = resolve_device(cfg)
-        start = time.perf_counter()
-        ds = load_dataset(cfg)
-        kind = "retrained" if args.is_retrain else "original"
-        kept = load_kept_indices(cfg, ds) if args.is_retrain else None
-        trained = run_training(cfg, ds, kind, device, kept)
-        train_seconds = time.perf_counter() - start
-        update_manifest(cfg, f"train_{kind}", train_seconds, ds.fingerprint,
-                        {"test_accuracy": trained["summary"]["test_accuracy"]})
+    cfg = resolve_config(args)
+    device = resolve_device(cfg)
+    start = time.perf_counter()
+    ds = load_dataset(cfg)
+    kind = "retrained" if args.is_retrain else "original"
+    kept = load_kept_indices(cfg, ds) if args.is_retrain else None
+    trained = run_training(cfg, ds, kind, device, kept)
+    train_seconds = time.perf_counter() - start
+    update_manifest(cfg, f"train_{kind}", train_seconds, ds.fingerprint,
+                    {"test_accuracy": trained["summary"]["test_accuracy"]})
 
-        from robustness import measure_robustness, write_robustness
+    from robustness import measure_robustness, write_robustness
 
-        start = time.perf_counter()
-        per_model = []
-        for seed, model in trained["models"]:
-            records, summary = measure_robustness(model, ds.x_test, ds.y_test, cfg, device)
-            per_model.append((seed, records, summary))
-            print(f"[main] {kind} seed {seed}: ρ_adv {summary['rho_adv']:.4f}, mean radius "
-                  f"{summary['mean_radius_l2']:.4f}, not converged {summary['nonconverged_fraction']:.3f}")
-        rob = write_robustness(cfg, kind, per_model)
-        update_manifest(cfg, f"robustness_{kind}", time.perf_counter() - start, ds.fingerprint)
-        acc = trained["summary"]["test_accuracy"]
-        print(f"[main] {kind}: {cfg['n_models']} models, test accuracy {acc['mean']:.4f} "
-              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}], ρ_adv {rob['across_models']['rho_adv']['mean']:.4f} "
-              f"→ {results_dir(cfg)}")
-        if args.is_retrain:
-            cmp = write_comparison(cfg)
-            d = cmp["metrics"]["mean_radius"]["paired"]["difference"]
-            print(f"[main] compare: mean radius retrained − original {d['mean']:+.4f} "
-                  f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] → {results_dir(cfg) / 'compare.md'}")
-    except (ConfigError, DatasetError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    start = time.perf_counter()
+    per_model = []
+    for seed, model in trained["models"]:
+        records, summary = measure_robustness(model, ds.x_test, ds.y_test, cfg, device)
+        per_model.append((seed, records, summary))
+        print(f"[main] {kind} seed {seed}: ρ_adv {summary['rho_adv']:.4f}, mean radius "
+              f"{summary['mean_radius_l2']:.4f}, not converged {summary['nonconverged_fraction']:.3f}")
+    rob = write_robustness(cfg, kind, per_model)
+    update_manifest(cfg, f"robustness_{kind}", time.perf_counter() - start, ds.fingerprint)
+    acc = trained["summary"]["test_accuracy"]
+    print(f"[main] {kind}: {cfg['n_models']} models, test accuracy {acc['mean']:.4f} "
+          f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}], ρ_adv {rob['across_models']['rho_adv']['mean']:.4f} "
+          f"→ {results_dir(cfg)}")
+    if args.is_retrain:
+        cmp = write_comparison(cfg)
+        d = cmp["metrics"]["mean_radius"]["paired"]["difference"]
+        print(f"[main] compare: mean radius retrained − original {d['mean']:+.4f} "
+              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] → {results_dir(cfg) / 'compare.md'}")
     return 0
 
 

@@ -78,7 +78,7 @@ from tqdm import tqdm
 
 import artifacts
 from artifacts import ArtifactError, atomic_savez, atomic_write_json, load_json, set_seed
-from config import ConfigError, config_hash, resolve_device, load_stage_config, stage_parser
+from config import config_hash, load_stage_config, resolve_device, stage_parser
 
 OPERATORS = ("GF", "WS", "NAI", "NS", "GF_filter", "NAI_filter")
 FILTER_OPERATORS = ("GF_filter", "NAI_filter")
@@ -584,30 +584,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@artifacts.stage_main(MutationError)
 def main(argv=None) -> int:
-    from mnistload import DatasetError, load_dataset
+    from mnistload import load_dataset
 
     args = parse_args(argv)
-    try:
-        cfg = load_stage_config(args)
-        set_seed(cfg["seed"])
-        device = resolve_device(cfg)
-        start = time.perf_counter()
-        ds = load_dataset(cfg)
-        models = artifacts.load_models(cfg, ds.fingerprint, device=device)
-        summary = run_mutation(cfg, ds, models, device)
-        seconds = time.perf_counter() - start
-        artifacts.update_manifest(cfg, "mutation", seconds, ds.fingerprint, {"lcr": summary})
-        for tag, entry in summary.items():
-            split = "test" if "test" in cfg["lcr_splits"] else cfg["lcr_splits"][0]
-            print(f"[mutation] {tag}: acceptance rate {entry['acceptance_rate']:.3f}"
-                  f"{' (reused)' if entry['reused'] == len(models) else ''}, mean LCR on {split}: "
-                  f"correct {entry[f'mean_lcr_correct_{split}']:.4f}, wrong {entry[f'mean_lcr_wrong_{split}']:.4f}")
-        print(f"[mutation] {len(models)} models, {len(summary)} operator/rate pairs in {seconds:.1f} s "
-              f"→ {artifacts.results_dir(cfg)}/lcr_{{{','.join(cfg['lcr_splits'])}}}.npz")
-    except (ConfigError, DatasetError, ArtifactError, MutationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(args)
+    set_seed(cfg["seed"])
+    device = resolve_device(cfg)
+    start = time.perf_counter()
+    ds = load_dataset(cfg)
+    models = artifacts.load_models(cfg, ds.fingerprint, device=device)
+    summary = run_mutation(cfg, ds, models, device)
+    seconds = time.perf_counter() - start
+    artifacts.update_manifest(cfg, "mutation", seconds, ds.fingerprint, {"lcr": summary})
+    for tag, entry in summary.items():
+        split = "test" if "test" in cfg["lcr_splits"] else cfg["lcr_splits"][0]
+        print(f"[mutation] {tag}: acceptance rate {entry['acceptance_rate']:.3f}"
+              f"{' (reused)' if entry['reused'] == len(models) else ''}, mean LCR on {split}: "
+              f"correct {entry[f'mean_lcr_correct_{split}']:.4f}, wrong {entry[f'mean_lcr_wrong_{split}']:.4f}")
+    print(f"[mutation] {len(models)} models, {len(summary)} operator/rate pairs in {seconds:.1f} s "
+          f"→ {artifacts.results_dir(cfg)}/lcr_{{{','.join(cfg['lcr_splits'])}}}.npz")
     return 0
 
 

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from artifacts import ArtifactError, atomic_write_text, load_json, results_dir, update_manifest
-from config import ConfigError, load_stage_config, stage_parser
+from artifacts import atomic_write_text, load_json, results_dir, stage_main, update_manifest
+from config import load_stage_config, stage_parser
 
 # Published figures quoted for comparison (not computed here): Wu et al. arXiv 1910.00387, CIFAR-10.
 WU_ET_AL_CIFAR10_AUROC = {"conductance": 0.927, "lcr": 0.887, "lcr+conductance": 0.933}
@@ -199,18 +199,14 @@ def build_report(rdir: Path) -> str:
     return "\n".join(parts)
 
 
+@stage_main()
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_stage_config(args)
-        start = time.perf_counter()
-        rdir = results_dir(cfg)
-        text = build_report(rdir)
-        atomic_write_text(rdir / "REPORT.md", text)
-        update_manifest(cfg, "report", time.perf_counter() - start)
-    except (ConfigError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_stage_config(parse_args(argv))
+    start = time.perf_counter()
+    rdir = results_dir(cfg)
+    text = build_report(rdir)
+    atomic_write_text(rdir / "REPORT.md", text)
+    update_manifest(cfg, "report", time.perf_counter() - start)
     print(f"[report] {rdir / 'REPORT.md'} ({len(text.splitlines())} lines)")
     return 0
 

@@ -80,7 +80,7 @@ def test_idx_missing_file_and_folder(tmp_path):
 
 def test_mnist_idx_dataset_split(tmp_path):
     make_mnist_folder(tmp_path / "mnist", n_train=200, n_test=50)
-    cfg = load_config(None, [f"dataset=mnist", f"data_dir={tmp_path / 'mnist'}", "n_train=0",
+    cfg = load_config(None, ["dataset=mnist", f"data_dir={tmp_path / 'mnist'}", "n_train=0",
                              "n_val=40", "n_test=0"])
     ds = load_dataset(cfg)
     assert (len(ds.x_train), len(ds.x_val), len(ds.x_test)) == (160, 40, 50)
