@@ -187,6 +187,32 @@ class _SequentialJacobian:
                 self.route_layout[i] = "cl" if self.conv_mode.get(j) == "cl" else "nchw"
         self.weights_cl = {i: layers[i].weight.detach().contiguous(memory_format=torch.channels_last)
                            for i, mode in self.conv_mode.items() if mode == "cl"}
+        # Linear ← Flatten ← channels_last pool routing: the Linear's transposed product is written
+        # in (h, w, C) order (columns of its weight permuted), so the routing reads it contiguously
+        # (MnistConvNet's second pool: 0.013 s instead of 0.043 s for 4500 rows).
+        self.flatten_cl = {}  # Flatten index -> Linear index
+        for j, layer in enumerate(layers):
+            if isinstance(layer, nn.Flatten):
+                up = j + 1
+                while up < len(layers) and isinstance(layers[up], (nn.Dropout, nn.Identity)):
+                    up += 1
+                down = j - 1
+                while down >= 0 and isinstance(layers[down], (nn.Dropout, nn.Identity)):
+                    down -= 1
+                if (up < len(layers) and isinstance(layers[up], nn.Linear) and down >= 0
+                        and self.route_layout.get(down) == "cl"):
+                    self.flatten_cl[j] = up
+        self._permuted: dict = {}
+        # Layers whose backward depends on the input: ReLUs (unless folded into the pool after them)
+        # and max-pools. The backward is resumed at these from cached cotangents (see ``vjp``).
+        self.mask_layers = [i for i, layer in enumerate(layers)
+                            if isinstance(layer, nn.MaxPool2d)
+                            or (isinstance(layer, nn.ReLU)
+                                and not (i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)))]
+        self.flops = 0          # multiply-adds ×2 of the transposed Linear/Conv2d layers run so far
+        self.resumed = {}       # layer -> rows (× candidates) whose backward resumed there
+        self._cache = None      # state of the last vjp (rows aligned with ``saved``), see ``vjp``
+        self._start = None      # per row of the last forward: the layer its backward must start at
 
     @staticmethod
     def supports(model: nn.Module) -> list[nn.Module] | None:
@@ -235,6 +261,11 @@ class _SequentialJacobian:
                     before_pool = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], nn.MaxPool2d)
                     saved.append(None if before_pool or not keep else h > 0)
                 else:
+                    if i in self.flatten_cl and h.dim() == 4 and self.flatten_cl[i] not in self._permuted:
+                        lin = self.layers[self.flatten_cl[i]]
+                        c, hh, ww = h.shape[1:]
+                        self._permuted[self.flatten_cl[i]] = (lin.weight.detach().view(-1, c, hh, ww)
+                                                              .permute(0, 2, 3, 1).reshape(-1, c * hh * ww))
                     saved.append(h.shape)
                     h = layer(h)  # Dropout/Identity: identity in eval mode
         except RuntimeError as exc:
@@ -242,6 +273,8 @@ class _SequentialJacobian:
             raise ValueError(f"x: inputs of shape {tuple(x.shape)} do not fit the model ({first})") from None
         _check_logits(h, len(x), num_classes)
         self.saved = saved if keep else []
+        self._rows, self._device = len(x), x.device
+        self._start = self._changed_from(self._cache["saved"]) if keep and self._cache is not None else None
         return h
 
     def _pool_state(self, i, layer, shape, pooled, idx, fused):
@@ -260,9 +293,37 @@ class _SequentialJacobian:
         return ("scatter", shape, idx, (pooled > 0) if fused else None)
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only the saved state of ``rows`` (positions in the last forward's batch)."""
+        """Keep only the state of ``rows`` (positions in the last forward's batch)."""
+        self.saved = self._subset(self.saved, rows)
+        if self._start is not None:
+            self._start = self._start[rows]
+        if self._cache is not None:  # the cached rows stay where they are; only the map shrinks
+            self._cache["pos"] = self._cache["pos"][rows]
+
+    def _changed_from(self, old: list) -> torch.Tensor:
+        """Per row of the last forward: the highest layer whose activation pattern (ReLU mask or
+        max-pool routing) differs from that row in ``old`` (the state of the last vjp, same rows),
+        or −1 if none does. Above that layer the backward is the same linear map as at the last
+        vjp, so the cotangent arriving there is the cached one."""
+        start = torch.full((self._rows,), -1, dtype=torch.int64, device=self._device)
+        for i in self.mask_layers:  # ascending: a higher changed layer overwrites a lower one
+            a, b = old[i], self.saved[i]
+            if isinstance(self.layers[i], nn.MaxPool2d):
+                pairs = [(a[1], b[1])] if a[0] == "mask" else [(a[2], b[2]), (a[3], b[3])]
+            else:
+                pairs = [(a, b)]
+            changed = None
+            for u, v in pairs:
+                if u is not None:
+                    ne = (u != v).flatten(1).any(1)
+                    changed = ne if changed is None else changed | ne
+            if changed is not None:
+                start[changed] = i
+        return start
+
+    def _subset(self, saved: list, rows: torch.Tensor) -> list:
         out = []
-        for layer, s in zip(self.layers, self.saved):
+        for layer, s in zip(self.layers, saved):
             if isinstance(layer, nn.MaxPool2d):
                 if s[0] == "mask":
                     out.append(("mask", s[1][rows], s[2]))
@@ -273,25 +334,72 @@ class _SequentialJacobian:
                 out.append(None if s is None else s[rows])
             else:
                 out.append(torch.Size((len(rows),) + tuple(s[1:])))
-        self.saved = out
+        return out
 
     @torch.no_grad()
     def vjp(self, grad_outputs: torch.Tensor) -> torch.Tensor:
-        """(N, K−1, C) output cotangents → (N, K−1, *x.shape[1:]) input gradients. Inside, ``g``
-        is the cotangent as a logical (N, K−1, *features) tensor in whatever memory layout suits."""
+        """(N, K−1, C) output cotangents → (N, K−1, *x.shape[1:]) input gradients at the last forward.
+
+        The cotangents must be those of the last vjp for the same rows (DeepFool's candidates are
+        fixed per input). Each row's backward starts at the highest layer whose activation pattern
+        changed since the last vjp, from the cotangent cached there; a row with no change keeps its
+        gradients. Exact: unchanged layers are the same linear maps. (In a clipped DeepFool run
+        on MnistConvNet, 500 inputs: of 2,743 row-iterations after the first, 181 reused their
+        gradients, 341 only redid the first pool and convolution and 591 skipped the dense layers.)
+        """
         n, k1 = grad_outputs.shape[:2]
-        g = grad_outputs
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer, s = self.layers[i], self.saved[i]
+        top = len(self.layers) - 1
+        if self._start is None or self._cache is None:  # everything from the output
+            cot = {}
+
+            def keep(i, g):  # (a copy if it lives in a reused buffer)
+                cot[i] = g.clone() if g.data_ptr() in self._workspace_ptrs() else g
+
+            w = self._backward(grad_outputs, top, self.saved, keep)
+            self._cache = {"saved": self.saved, "w": w, "cot": cot,
+                           "pos": torch.arange(n, device=w.device)}
+            self.resumed[top] = self.resumed.get(top, 0) + n * k1
+            return w
+        # Cached rows keep their first positions ("pos" maps the current rows to them), so dropping
+        # finished rows copies nothing.
+        c = self._cache
+        for level in torch.unique(self._start).tolist():
+            if level < 0:  # nothing changed: the cached gradients stand
+                continue
+            rows = (self._start == level).nonzero().squeeze(1)
+            pos = c["pos"][rows]
+
+            def keep(i, g, pos=pos):
+                c["cot"][i][pos] = g
+
+            c["w"][pos] = self._backward(c["cot"][level][pos], level, self._subset(self.saved, rows), keep)
+            self.resumed[level] = self.resumed.get(level, 0) + len(rows) * k1
+        c["saved"] = self.saved
+        pos = c["pos"]
+        return c["w"] if len(pos) == len(c["w"]) else c["w"][pos]
+
+    def _backward(self, g: torch.Tensor, first: int, saved: list, keep) -> torch.Tensor:
+        """Back-propagate the cotangent ``g`` arriving at the output of layer ``first`` down to the
+        input; ``keep(i, cotangent)`` receives the cotangent arriving at each mask layer passed
+        (what a later vjp resumes from)."""
+        n, k1 = g.shape[:2]
+        for i in range(first, -1, -1):
+            layer, s = self.layers[i], saved[i]
+            if i in self.mask_layers:
+                keep(i, g)
             if isinstance(layer, nn.Linear):
                 rows = g.reshape(n * k1, -1)
                 out = self._buffer(("linear", i), (n * k1, layer.in_features), g)
-                g = torch.mm(rows, layer.weight, out=out).view(n, k1, -1)
+                g = torch.mm(rows, self._permuted.get(i, layer.weight), out=out).view(n, k1, -1)
+                self.flops += 2 * n * k1 * layer.in_features * layer.out_features
             elif isinstance(layer, nn.ReLU):
                 if s is not None:  # (None: folded into the MaxPool2d that follows it)
                     g = g * s.unsqueeze(1)
             elif isinstance(layer, nn.Flatten):
-                g = g.reshape(n, k1, *s[1:])
+                if i in self.flatten_cl and len(s) == 4:  # g is in (h, w, C) order: see __init__
+                    g = g.view(n, k1, s[2], s[3], s[1]).permute(0, 1, 4, 2, 3)
+                else:
+                    g = g.reshape(n, k1, *s[1:])
             elif isinstance(layer, nn.MaxPool2d):
                 if s[0] == "mask":
                     g = _unpool_mask(g, s[1], s[2], self.route_layout[i],
@@ -299,9 +407,15 @@ class _SequentialJacobian:
                 else:
                     g = _unpool_scatter(g, s)
             elif isinstance(layer, nn.Conv2d):
+                out_hw = g.shape[-2:]
                 g = self._conv_transpose(i, layer, g, s)
+                self.flops += (2 * n * k1 * layer.out_channels * out_hw[0] * out_hw[1]
+                               * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1])
             # Dropout / Identity: identity in eval mode
         return g.contiguous()
+
+    def _workspace_ptrs(self) -> set:
+        return {t.data_ptr() for t in self._workspace.values()}
 
     def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         """A tensor of ``shape`` for the large intermediate ``key``, reusing the memory of the last
@@ -387,6 +501,7 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
     view = (-1,) + (1,) * (x0.dim() - 1)
     layers = _SequentialJacobian.supports(model)
     jac = _SequentialJacobian(layers) if layers is not None else _AutogradJacobian(model)
+    rows_before = stats["gradient_rows"]
 
     # Clean forward, keeping what the backward needs: it gives the candidates and the first
     # iteration's gradients.
@@ -412,7 +527,7 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
             sel = torch.arange(len(active), device=dev)
         # w'_k for the rows of the last forward (a few finished rows may ride along: see below)
         w = jac.vjp(_grad_outputs(cand[graph_rows], n_logits, x0.dtype))
-        stats["backward_rows"] += (num_classes - 1) * len(graph_rows)
+        stats["gradient_rows"] += (num_classes - 1) * len(graph_rows)
         if len(graph_rows) != len(active):
             w = w[sel]
         c = cand[active]
@@ -435,13 +550,14 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
             point = x0[active] + (1.0 + overshoot) * r_tot[active]
             if clip is not None:
                 point = point.clamp(clip[0], clip[1])
-        del w, w_l
+        del w_l
         iterations[active] = it
         adversarial[active] = point
 
         # Label at the new point (LTS4: k_i = argmax f(x0 + (1+overshoot) r_tot)). When another
         # iteration may follow, this forward keeps what the next gradients need.
         more = it < max_iter
+        del w
         logits = jac.forward(point, more, num_classes)
         stats["forward_rows"] += m
         label = logits.argmax(dim=1)
@@ -467,6 +583,15 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
                 logits = jac.forward(again, True, num_classes)
                 stats["forward_rows"] += len(active)
                 graph_rows = active
+    if isinstance(jac, _SequentialJacobian):
+        stats["backward_rows"] += sum(jac.resumed.values())
+        stats["backward_flops"] += jac.flops
+        for i, rows_i in jac.resumed.items():
+            name = f"{i}:{type(jac.layers[i]).__name__}"
+            stats["resumed_at"][name] = stats["resumed_at"].get(name, 0) + rows_i
+    else:
+        stats["backward_rows"] += stats["gradient_rows"] - rows_before
+        stats["backward_flops"] = None
     perturbation = adversarial - x0 if clip is not None else (1.0 + overshoot) * r_tot
     return perturbation, adversarial, iterations, orig, adv_label, converged
 
@@ -488,7 +613,7 @@ def deepfool(model: nn.Module, x: torch.Tensor, num_classes: int = 10, overshoot
         device = x.device
     n = x.shape[0]
     step = n if batch_size is None else batch_size
-    stats = {"forward_rows": 0, "backward_rows": 0}
+    stats = {"forward_rows": 0, "gradient_rows": 0, "backward_rows": 0, "backward_flops": 0, "resumed_at": {}}
     parts = []
     was_training = model.training
     model.eval()
