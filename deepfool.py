@@ -202,7 +202,11 @@ class _SequentialJacobian:
                 if (up < len(layers) and isinstance(layers[up], nn.Linear) and down >= 0
                         and self.route_layout.get(down) == "cl"):
                     self.flatten_cl[j] = up
-        self._permuted: dict = {}
+        # Each Linear's weight, transposed and contiguous: the product g·W as g·(Wᵀ)ᵀ runs ~10% faster
+        # (4500×1000 by 1000×3136: 187 against 167 GFLOP/s).
+        self._weight_t = {i: layer.weight.detach().t().contiguous()
+                          for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)}
+        self._permuted_done: set = set()
         # Layers whose backward depends on the input: ReLUs (unless folded into the pool after them)
         # and max-pools. The backward is resumed at these from cached cotangents (see ``vjp``).
         self.mask_layers = [i for i, layer in enumerate(layers)
@@ -252,20 +256,25 @@ class _SequentialJacobian:
                     shape = h.shape
                     h, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                                           layer.ceil_mode, return_indices=True)
-                    # ReLU → MaxPool: the argmax of a window holds the pooled value, so the ReLU
-                    # mask at the routed position is (pooled > 0): apply it at the pooled size.
+                    # ReLU → MaxPool runs as MaxPool → ReLU (max commutes with the monotone ReLU,
+                    # and a window whose argmax differs has a max <= 0, masked either way): the
+                    # ReLU mask at the routed position is (pooled > 0), applied at the pooled size.
                     fused = i > 0 and isinstance(self.layers[i - 1], nn.ReLU)
+                    if fused:
+                        h = F.relu(h)
                     saved.append(self._pool_state(i, layer, shape, h, idx, fused) if keep else None)
                 elif isinstance(layer, nn.ReLU):
-                    h = F.relu(h)
                     before_pool = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], nn.MaxPool2d)
+                    if not before_pool:  # (else applied after the pool)
+                        h = F.relu(h)
                     saved.append(None if before_pool or not keep else h > 0)
                 else:
-                    if i in self.flatten_cl and h.dim() == 4 and self.flatten_cl[i] not in self._permuted:
-                        lin = self.layers[self.flatten_cl[i]]
+                    if i in self.flatten_cl and h.dim() == 4 and self.flatten_cl[i] not in self._permuted_done:
+                        j = self.flatten_cl[i]
                         c, hh, ww = h.shape[1:]
-                        self._permuted[self.flatten_cl[i]] = (lin.weight.detach().view(-1, c, hh, ww)
-                                                              .permute(0, 2, 3, 1).reshape(-1, c * hh * ww))
+                        self._weight_t[j] = (self.layers[j].weight.detach().view(-1, c, hh, ww)
+                                             .permute(2, 3, 1, 0).reshape(c * hh * ww, -1).contiguous())
+                        self._permuted_done.add(j)
                     saved.append(h.shape)
                     h = layer(h)  # Dropout/Identity: identity in eval mode
         except RuntimeError as exc:
@@ -390,7 +399,7 @@ class _SequentialJacobian:
             if isinstance(layer, nn.Linear):
                 rows = g.reshape(n * k1, -1)
                 out = self._buffer(("linear", i), (n * k1, layer.in_features), g)
-                g = torch.mm(rows, self._permuted.get(i, layer.weight), out=out).view(n, k1, -1)
+                g = torch.mm(rows, self._weight_t[i].t(), out=out).view(n, k1, -1)
                 self.flops += 2 * n * k1 * layer.in_features * layer.out_features
             elif isinstance(layer, nn.ReLU):
                 if s is not None:  # (None: folded into the MaxPool2d that follows it)

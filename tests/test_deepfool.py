@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import artifacts  # noqa: E402
 import robustness  # noqa: E402
 from config import load_config  # noqa: E402
-from deepfool import deepfool  # noqa: E402
+from deepfool import _SequentialJacobian, deepfool  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +183,69 @@ def test_mnist_convnet_float32_fast_path_agrees_with_autograd_path():
     assert torch.equal(fast.iterations, slow.iterations) and torch.equal(fast.adv_label, slow.adv_label)
     torch.testing.assert_close(fast.perturbation, slow.perturbation, atol=1e-4, rtol=1e-4)
     assert fast.converged.all()
+
+
+def wide_cnn(seed: int = 0) -> nn.Module:
+    """A second convolution with more than GROUPED_MAX_IN input channels: transposed in
+    channels_last, its pool routed in channels_last, the dense layer's product permuted to match."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5),
+        nn.Flatten(), nn.Linear(5 * 2 * 2, 12), nn.ReLU(), nn.Linear(12, 6)).double().eval()
+
+
+def odd_cnn(seed: int = 0) -> nn.Module:
+    """Strided convolution (input size recovered by output_padding), overlapping max-pool (two
+    windows may route to one position: gradients add up), a 1×1 convolution and a floor-mode pool
+    that drops a row and a column: the scatter routing."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 5, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(5, 6, 1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).double().eval()
+
+
+@pytest.mark.parametrize("make,size,clip", [(wide_cnn, 8, None), (wide_cnn, 8, (0.0, 1.0)),
+                                            (odd_cnn, 10, None), (odd_cnn, 10, (0.0, 1.0))])
+def test_sequential_backward_variants_match_reference(make, size, clip):
+    model = make()
+    plan = _SequentialJacobian(_SequentialJacobian.supports(model))
+    if make is wide_cnn:  # the test is only worth something if these paths run
+        assert set(plan.conv_mode.values()) == {"grouped", "cl"} and plan.flatten_cl
+    x = torch.rand(14, 1, size, size, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
+    for batch_size in (None, 3):
+        out = deepfool(model, x, num_classes=4, clip=clip, batch_size=batch_size)
+        for i, (r_hat, iters, label, k_i) in enumerate(refs):
+            np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+            assert (int(out.iterations[i]), int(out.orig_label[i]), int(out.adv_label[i])) == (iters, label, k_i)
+
+
+def test_overlapping_pool_gradient_adds_both_windows():
+    # 1-D case inside a 2-D pool: windows [0,1,2] and [2,3,4] both pick position 2 (the maximum)
+    pool_model = nn.Sequential(nn.MaxPool2d((1, 3), stride=(1, 2)), nn.Flatten(), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        pool_model[2].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    x = torch.tensor([[[[0.1, 0.2, 0.9, 0.3, 0.0]]]])
+    jac = _SequentialJacobian(_SequentialJacobian.supports(pool_model))
+    jac.forward(x, True, 2)
+    w = jac.vjp(torch.tensor([[[-1.0, 1.0]]]))  # ∇(f_1 − f_0) = −∇(x_2 + x_2)
+    assert torch.equal(w.flatten(), torch.tensor([0.0, 0.0, -2.0, 0.0, 0.0]))
+
+
+def test_clipped_run_resumes_backward_below_the_top_and_stays_exact():
+    model = wide_cnn(seed=0)
+    x = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = deepfool(model, x, num_classes=6, clip=(0.0, 1.0))
+    assert out.converged.all() and out.iterations.float().mean() > 3
+    # some rows kept their gradients, some redid only the layers below the first pool
+    assert out.stats["backward_rows"] < out.stats["gradient_rows"]
+    assert out.stats["resumed_at"].get("2:MaxPool2d", 0) > 0
+    for i in range(len(x)):
+        r_hat, iters, _, _ = reference_deepfool(model, x[i], 6, 0.02, 50, clip=(0.0, 1.0))
+        np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+        assert int(out.iterations[i]) == iters
 
 
 def test_converged_flips_and_previous_step_did_not():
