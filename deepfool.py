@@ -18,21 +18,20 @@ what DESIGN.md calls the robustness radius:
 Everything is batched: one forward of the active inputs per iteration, then the K−1 candidate
 gradients of the whole active batch; inputs that have converged leave the batch.
 
-Gradient strategy, chosen by measurement (MnistConvNet, 250-500 MNIST images, 10 candidates,
-2 CPU cores, torch 2.13 CPU; best of 5-7 interleaved repetitions on a shared machine):
-  * a hand-written backward of plain sequential CNNs (nn.Sequential or cnnmodel.NamedCNN of
-    Conv2d/ReLU/MaxPool2d/Flatten/Linear/Dropout) with the K−1 cotangents stacked into one
-    batch: ~1.3× faster than the loop below (``_SequentialJacobian``; used for those models)
-  * K−1 ``torch.autograd.grad`` calls over one retained graph, grad_outputs e_k − e_k̂ per row
-    (used for any other model)                                        1.7-3.3 s
-  * ``is_grads_batched=True`` (vmap over the backward): its conv/max-pool backward rules loop over
-    the vmapped dimension and then concatenate                        2.0-3.1 s
-  * ``torch.func.vmap(jacrev)`` per input                             5.9-7.7 s (B=500)
-  * one backward over the input replicated K−1 times (K−1 forwards)   3.4-9.2 s
-The autograd loop and is_grads_batched are within the noise; the loop is the simpler, keeps the
-model's parameters untouched and needs no vmap support from custom layers. channels_last was
-rejected: with the model's weights in channels_last, torch 2.13's CPU backward returned input
-gradients off by ~1% (0.017 absolute on a 1.7 scale) against a float64 reference.
+Gradient strategy, chosen by measurement (MnistConvNet, 500 MNIST test images, 10 candidates,
+2 CPU cores, torch 2.13 CPU, a shared machine: ±10% between runs):
+  * plain sequential CNNs (nn.Sequential or cnnmodel.NamedCNN of Conv2d/ReLU/MaxPool2d/Flatten/
+    Linear/Dropout) get a hand-written backward, ``_SequentialJacobian``: the K−1 cotangents of
+    every input go through each transposed layer in one call, in the memory layout that layer
+    runs fastest in, and each input's backward restarts at the highest layer whose ReLU/max-pool
+    pattern changed since its last step (an exact reuse: the layers above are the same linear
+    maps). Whole DeepFool run: 1.5 s unclipped, 3.9-4.1 s clipped to [0, 1];
+  * any other model: K−1 ``torch.autograd.grad`` calls over one retained graph, grad_outputs
+    e_k − e_k̂ per row: 1.8 s unclipped, 7.6 s clipped (same run as above).
+Rejected earlier (same machine, gradients of 250-500 inputs): ``is_grads_batched=True`` (its
+conv/max-pool backward rules loop over the vmapped dimension; no faster than the loop),
+``torch.func.vmap(jacrev)`` per input (2-3× slower), one backward over the input replicated
+K−1 times (K−1 forwards; up to 3× slower).
 """
 from __future__ import annotations
 
@@ -158,7 +157,9 @@ class _SequentialJacobian:
     candidates, 2 CPU cores, torch 2.13, best of 3):
     * a convolution with few input channels (``GROUPED_MAX_IN`` or fewer: the image layer) is
       transposed by one grouped ``conv_transpose2d`` over (N, (K−1)·C_out, H, W) with K−1 groups:
-      0.05 s, against 0.42 s for the ungrouped call (oneDNN is slow with one output channel);
+      0.05 s, against 0.42 s for the ungrouped NCHW call (oneDNN is slow with one output
+      channel); for 250×9 rows, 1, 3 and 8 input channels: grouped 0.037/0.058/0.038 s,
+      channels_last 0.089/0.069/0.016 s;
     * the other convolutions are transposed in channels_last: 0.20 s against 0.30 s in NCHW
       (input gradients within 9e-6 of float64 on a 5.1 scale; NCHW 3e-6);
     * a non-overlapping max-pool (kernel = stride, no padding, sizes divisible) routes its
