@@ -397,11 +397,11 @@ class _SequentialJacobian:
             layer, s = self.layers[i], saved[i]
             if i in self.mask_layers:
                 keep(i, g)
-            if isinstance(layer, nn.Linear):
-                rows = g.reshape(n * k1, -1)
-                out = self._buffer(("linear", i), (n * k1, layer.in_features), g)
-                g = torch.mm(rows, self._weight_t[i].t(), out=out).view(n, k1, -1)
-                self.flops += 2 * n * k1 * layer.in_features * layer.out_features
+            if isinstance(layer, nn.Linear):  # (acts on the last dimension of its input, shape s)
+                rows = g.reshape(-1, layer.out_features)
+                out = self._buffer(("linear", i), (len(rows), layer.in_features), g)
+                g = torch.mm(rows, self._weight_t[i].t(), out=out).view(n, k1, *s[1:])
+                self.flops += 2 * len(rows) * layer.in_features * layer.out_features
             elif isinstance(layer, nn.ReLU):
                 if s is not None:  # (None: folded into the MaxPool2d that follows it)
                     g = g * s.unsqueeze(1)
@@ -422,7 +422,9 @@ class _SequentialJacobian:
                 self.flops += (2 * n * k1 * layer.out_channels * out_hw[0] * out_hw[1]
                                * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1])
             # Dropout / Identity: identity in eval mode
-        return g.contiguous()
+        g = g.contiguous()
+        # the gradients are cached and returned: never in a reused buffer (a first Linear or pool writes one)
+        return g.clone() if g.data_ptr() in self._workspace_ptrs() else g
 
     def _workspace_ptrs(self) -> set:
         return {t.data_ptr() for t in self._workspace.values()}

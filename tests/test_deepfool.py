@@ -206,8 +206,29 @@ def odd_cnn(seed: int = 0) -> nn.Module:
         nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).double().eval()
 
 
+def mlp(seed: int = 0) -> nn.Module:
+    """The first transposed layer writes into a reused buffer: the gradients must not live there."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, 5)).double().eval()
+
+
+def pool_first(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(48, 5)).double().eval()
+
+
+def linear_on_rows(seed: int = 0) -> nn.Module:
+    """A Linear acting on the last dimension of an N×1×8×8 input."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5)).double().eval()
+
+
 @pytest.mark.parametrize("make,size,clip", [(wide_cnn, 8, None), (wide_cnn, 8, (0.0, 1.0)),
-                                            (odd_cnn, 10, None), (odd_cnn, 10, (0.0, 1.0))])
+                                            (odd_cnn, 10, None), (odd_cnn, 10, (0.0, 1.0)),
+                                            (mlp, 8, None), (mlp, 8, (0.0, 1.0)),
+                                            (pool_first, 8, (0.0, 1.0)), (linear_on_rows, 8, None)])
 def test_sequential_backward_variants_match_reference(make, size, clip):
     model = make()
     plan = _SequentialJacobian(_SequentialJacobian.supports(model))
