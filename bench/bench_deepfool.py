@@ -220,16 +220,15 @@ def main(argv=None) -> None:
                              f"{st['gradient_rows'] - st['backward_rows']} kept from the step before, "
                              f"restarted below the output at {_restarted(st)}; mean iters "
                              f"{out.iterations.double().mean():.2f}, max {int(out.iterations.max())}"})
-    ours_row = [r for r in rows if r["name"] == ours[-1][0]][0]
-    ours_sec, ours_rho = ours_row["seconds"], ours_row["rho"]  # the clipped run: like for like
+    by_name = {r["name"]: r for r in rows}
+    ours_sec, ours_rho = by_name[ours[-1][0]]["seconds"], by_name[ours[-1][0]]["rho"]  # clipped: like for like
+    conf_sec = by_name[ours[0][0]]["seconds"]  # as configured
     for name, _ in peers:
         x_adv, _ = last[name]
         rho, flipped = quality(model, x, x_adv, pred)
         rows.append({"name": name, "seconds": statistics.median(times[name]), "runs": times[name],
                      "rho": rho, "flipped": flipped,
                      "note": f"ρ_adv {100 * (ours_rho / rho - 1):+.2f}% (ours clipped vs this)"})
-    # ratios against the configured (unclipped) run as well
-    conf_sec = rows[0]["seconds"] if rows and "skipped" not in rows[0] else None
 
     print()
     print(f"median of {max(args.repeats, 1)} interleaved run(s) per method")
