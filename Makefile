@@ -3,7 +3,7 @@
 #   make reproduce            the whole workflow on the default config → results/default/REPORT.md
 #   make reproduce CONFIG=configs/mnist_full.yaml
 #   make smoke                the whole workflow on the tiny smoke config
-# Stages are keyed on their output files: an unchanged stage is not rerun.
+# Stages are keyed on their outputs and on the config keys they read: an unchanged stage is not rerun.
 
 PYTHON_SYS ?= python3
 VENV       := .venv
@@ -13,7 +13,6 @@ CONFIG     ?= configs/default.yaml
 RUN        := $(or $(shell sed -n 's/^name:[[:space:]]*\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG) 2>/dev/null),default)
 RES        := results/$(RUN)
 LOGS       := $(RES)/logs
-COMMON     := config.py artifacts.py mnistload.py cnnmodel.py metrics.py $(CONFIG) $(STAMP)
 
 .PHONY: all install test smoke reproduce bench clean-run help
 .DELETE_ON_ERROR:
@@ -41,36 +40,58 @@ define stage
 	@mkdir -p $(LOGS)
 	@start=$$(date +%s); \
 	if $(2) > $(LOGS)/$(1).log 2>&1; then \
-	  echo "[$(1)] done in $$(( $$(date +%s) - start )) s: $$(grep -E '^\[' $(LOGS)/$(1).log | tail -n 1)"; \
+	  echo "[$(1)] done in $$(( $$(date +%s) - start )) s: $$(tr '\r' '\n' < $(LOGS)/$(1).log | grep -E '^\[' | tail -n 1)"; \
 	else \
 	  echo "[$(1)] FAILED after $$(( $$(date +%s) - start )) s; last lines of $(LOGS)/$(1).log:"; \
 	  tail -n 5 $(LOGS)/$(1).log | sed 's/^/    /'; exit 1; \
 	fi
 endef
 
-# train → cc_remove → retrain (+compare) → mutation, conductance → detectors → adversarial → report
-$(RES)/robustness_original.json: main.py deepfool.py robustness.py $(COMMON)
-	$(call stage,train,$(PY) main.py --config $(CONFIG))
+# train baseline → cc_remove (DSA, removal sets) → train every other variant → robustness radius,
+# adversarial → compare (variants.json) ; baseline → mutation, conductance → detectors ; → report.
+# Each stage depends on its code, its inputs' files and its stamp: results/<run>/.stamps/<stage>.json
+# holds the config keys that stage reads (stage.py) and is rewritten only when one of them changes,
+# so editing e.g. adv_n_test reruns the adversarial stage and what follows it, not the training.
+STAMPS     := $(RES)/.stamps
+DONE       := $(RES)/.done
+TRAINED    := $(RES)/variants/baseline/train.json
+VARIANTS   := $(DONE)/train_variants
+CODE       := config.py artifacts.py mnistload.py cnnmodel.py metrics.py stage.py variants.py $(STAMP)
 
-$(RES)/kept_indices.json: cc_remove.py dif_dsa.py $(RES)/robustness_original.json
+.PHONY: FORCE
+FORCE:
+$(STAMPS)/%.json: FORCE | $(STAMP)
+	@$(PY) stage.py stamp $* --config $(CONFIG)
+
+$(TRAINED): main.py $(CODE) $(STAMPS)/train.json
+	$(call stage,train,$(PY) main.py --config $(CONFIG) --no-measure)
+
+$(RES)/subsets.json: cc_remove.py dif_dsa.py $(CODE) $(TRAINED) $(STAMPS)/cc_remove.json
 	$(call stage,cc_remove,$(PY) cc_remove.py --config $(CONFIG))
 
-$(RES)/compare.json: $(RES)/kept_indices.json
-	$(call stage,retrain,$(PY) main.py --config $(CONFIG) -is_retrain True)
+$(VARIANTS): main.py $(wildcard regimes.py) $(CODE) $(RES)/subsets.json $(STAMPS)/train_variants.json
+	$(call stage,train_variants,$(PY) main.py --config $(CONFIG) --variant all --no-measure)
+	@mkdir -p $(DONE) && touch $@
 
-$(RES)/lcr_test.npz: mutation.py $(RES)/robustness_original.json
+$(RES)/robustness.json: robustness.py deepfool.py $(CODE) $(TRAINED) $(VARIANTS) $(STAMPS)/robustness.json
+	$(call stage,robustness,$(PY) robustness.py --config $(CONFIG))
+
+$(RES)/lcr_test.npz: mutation.py $(CODE) $(TRAINED) $(STAMPS)/mutation.json
 	$(call stage,mutation,$(PY) mutation.py --config $(CONFIG))
 
-$(RES)/conductance_test.npz: conductance.py $(RES)/robustness_original.json
+$(RES)/conductance_test.npz: conductance.py $(CODE) $(TRAINED) $(STAMPS)/conductance.json
 	$(call stage,conductance,$(PY) conductance.py --config $(CONFIG))
 
-$(RES)/detectors.json: detectors.py $(RES)/lcr_test.npz $(RES)/conductance_test.npz $(RES)/kept_indices.json
+$(RES)/detectors.json: detectors.py $(CODE) $(RES)/lcr_test.npz $(RES)/conductance_test.npz $(RES)/subsets.json $(STAMPS)/detectors.json
 	$(call stage,detectors,$(PY) detectors.py --config $(CONFIG))
 
-$(RES)/adversarial.json: adversarial.py $(RES)/compare.json
+$(RES)/adversarial.json: adversarial.py $(CODE) $(TRAINED) $(VARIANTS) $(STAMPS)/adversarial.json
 	$(call stage,adversarial,$(PY) adversarial.py --config $(CONFIG))
 
-$(RES)/REPORT.md: report.py $(RES)/compare.json $(RES)/detectors.json $(RES)/adversarial.json
+$(RES)/variants.json: compare.py $(CODE) $(RES)/robustness.json $(RES)/adversarial.json $(STAMPS)/compare.json
+	$(call stage,compare,$(PY) compare.py --config $(CONFIG))
+
+$(RES)/REPORT.md: report.py $(CODE) $(RES)/variants.json $(RES)/detectors.json $(RES)/adversarial.json $(STAMPS)/report.json
 	$(call stage,report,$(PY) report.py --config $(CONFIG))
 
 reproduce: $(RES)/REPORT.md
@@ -81,7 +102,7 @@ smoke:
 
 # Benchmarks need the trained default models (make reproduce) and, for peers, bench/requirements.txt.
 BENCH_PY   := $(if $(wildcard .venv-bench/bin/python),.venv-bench/bin/python,$(PY))
-bench: $(RES)/robustness_original.json
+bench: $(TRAINED)
 	$(BENCH_PY) bench/bench_deepfool.py --config $(CONFIG)
 	$(PY) bench/bench_dsa.py --config $(CONFIG)
 	$(PY) bench/bench_mutation.py --config $(CONFIG)

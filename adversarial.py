@@ -19,20 +19,23 @@ Metrics:
 - accuracy under attack at each ε of the configured grids (ε = 0 is the clean accuracy);
 - attack success rate: the fraction of inputs classified correctly before the attack that are
   misclassified after it;
-- robustness margin: the smallest ε of the grid at which the accuracy drops below
-  ``adv_target_accuracy`` (None when it never does);
-- transferability: PGD-L∞ inputs crafted on the original model of a seed, evaluated on the
-  retrained model of the same seed, and vice versa (a source kind × target kind matrix).
+- robustness margin: the smallest ε at which the accuracy drops below ``adv_target_accuracy``
+  (None when it never does in the grid). The grid brackets it; ``adv_margin_steps`` bisection steps
+  then narrow the bracket per model, to (grid step)/2^steps. A bisection step attacks only the
+  inputs whose outcome the bracket leaves open — those robust at its low end and broken at its high
+  end — assuming, as minimal-ε searches do, that an input broken at ε is broken at every larger ε;
+  the grid's accuracies are computed on every input as before.
+- transferability: PGD-L∞ inputs crafted on the model of one variant and seed, evaluated on the
+  model of every variant with the same seed (a source × target matrix over the variants).
 
-CLI: ``python adversarial.py [--config configs/X.yaml] [--set key=value ...]`` writes
-``results/<run>/adversarial.{json,csv,png}`` and ``transfer.json``.
+CLI: ``python adversarial.py [--config configs/X.yaml] [--set key=value ...]`` evaluates every
+trained variant of the config and writes ``results/<run>/adversarial.{json,csv,png}`` and
+``transfer.json``.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from contextlib import contextmanager
 from typing import Callable
 
@@ -43,15 +46,14 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from config import ConfigError, load_stage_config, resolve_device, stage_parser
-from metrics import mean_ci, paired_difference
-from mnistload import load_dataset
+import stage
+from config import ConfigError
+from metrics import mean_ci
 
 # ε (L∞) of the transferability matrix: the grid value of ``adv_eps_linf`` nearest to this.
 # 0.1 suits MNIST; a config key (``adv_transfer_eps``) would let CIFAR-10 runs choose e.g. 8/255.
 TRANSFER_EPS_LINF = 0.1
 
-KINDS = {"original": "cnn", "retrained": "retrained"}  # output name -> checkpoint kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +247,44 @@ def transfer_eps(eps_grid, wanted: float = TRANSFER_EPS_LINF) -> float | None:
     return min(positive, key=lambda e: (abs(e - wanted), e)) if positive else None
 
 
+def refine_margin(model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor, target: float,
+                  lo: float, hi: float, robust_lo: np.ndarray, robust_hi: np.ndarray, steps: int,
+                  batch_size: int, device, seed: int) -> dict:
+    """Bisection on ε between ``lo`` (accuracy ≥ target) and ``hi`` (accuracy < target).
+
+    ``robust_lo``/``robust_hi``: per input, correct under the attack at lo / hi. Only the inputs
+    robust at lo and broken at hi are attacked at the midpoint (monotonicity in ε, see the module
+    docstring). Returns the final bracket, the margin (its high end: the smallest ε found with
+    accuracy below the target) and every (ε, accuracy) evaluated."""
+    evaluations, attacked = [], 0
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        robust_mid = robust_hi.copy()
+        open_ = np.flatnonzero(robust_lo & ~robust_hi)
+        if len(open_):
+            sel = torch.from_numpy(open_)
+            x_adv = run_attack(model, attack, x[sel], y[sel], mid, batch_size, device, seed)
+            robust_mid[open_] = predict_labels(model, x_adv, batch_size, device) == y[sel].numpy()
+            attacked += len(open_)
+        acc = float(robust_mid.mean())
+        evaluations.append([mid, acc])
+        if acc < target:
+            hi, robust_hi = mid, robust_mid
+        else:
+            lo, robust_lo = mid, robust_mid
+    return {"margin": hi, "bracket": [lo, hi], "evaluations": evaluations, "inputs_attacked": attacked}
+
+
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict, device, seed: int,
                    keep_eps: float | None = None, desc: str = "") -> tuple[dict, torch.Tensor | None]:
-    """Accuracy and success rate of every attack at every ε, plus the robustness margins.
-    Returns ``(result, x_adv)`` with the PGD-L∞ inputs at ``keep_eps`` (for transferability)."""
+    """Accuracy and success rate of every attack at every ε, plus the robustness margins (refined by
+    bisection, ``adv_margin_steps``). Returns ``(result, x_adv)`` with the PGD-L∞ inputs at
+    ``keep_eps`` (for transferability)."""
     y_np = y.numpy()
     clean_correct = predict_labels(model, x, cfg["eval_batch_size"], device) == y_np
-    result = {"seed": seed, "clean_accuracy": float(clean_correct.mean()), "attacks": {}}
+    result = {"seed": seed, "n": int(len(y_np)), "clean_accuracy": float(clean_correct.mean()), "attacks": {}}
     kept = None
+    correct_at: dict[tuple[str, float], np.ndarray] = {}
     jobs = [(a, e) for a, grid in grids(cfg).items() for e in grid]
     per_attack = {a: {"eps": grids(cfg)[a], "accuracy": [], "success_rate": []} for a in ATTACKS}
     for name, eps in tqdm(jobs, desc=desc or f"attacks s{seed}", leave=False):
@@ -263,11 +295,28 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict
             adv_correct = predict_labels(model, x_adv, cfg["eval_batch_size"], device) == y_np
             if name == "pgd_linf" and keep_eps is not None and eps == keep_eps:
                 kept = x_adv
+        correct_at[(name, eps)] = adv_correct
         per_attack[name]["accuracy"].append(float(adv_correct.mean()))
         per_attack[name]["success_rate"].append(success_rate(clean_correct, adv_correct))
+    target = cfg["adv_target_accuracy"]
     for name, entry in per_attack.items():
-        entry["robustness_margin"] = robustness_margin(entry["eps"], entry["accuracy"],
-                                                       cfg["adv_target_accuracy"])
+        grid_margin = robustness_margin(entry["eps"], entry["accuracy"], target)
+        entry["robustness_margin_grid"] = grid_margin
+        entry["robustness_margin"] = grid_margin
+        entry["margin_bracket"] = None
+        eps_sorted = sorted(entry["eps"])
+        if grid_margin is not None and grid_margin > 0 and cfg["adv_margin_steps"] > 0:
+            below = [e for e in eps_sorted if e < grid_margin]
+            lo = below[-1] if below else 0.0
+            robust_lo = correct_at.get((name, lo), clean_correct if lo == 0 else None)
+            if robust_lo is not None and float(robust_lo.mean()) >= target:
+                ref = refine_margin(model, make_attack(name, cfg), x, y, target, lo, grid_margin, robust_lo,
+                                    correct_at[(name, grid_margin)], cfg["adv_margin_steps"],
+                                    cfg["eval_batch_size"], device, seed)
+                entry["robustness_margin"] = ref["margin"]
+                entry["margin_bracket"] = ref["bracket"]
+                entry["margin_evaluations"] = ref["evaluations"]
+                entry["margin_inputs_attacked"] = ref["inputs_attacked"]
         result["attacks"][name] = entry
     return result, kept
 
@@ -280,46 +329,39 @@ def _nan_if_none(v):
 
 
 def summarise(per_model: dict[str, list[dict]], cfg: dict) -> dict:
-    """Means with 95% t intervals over models, per kind, attack and ε; the paired difference
-    retrained − original over seeds when both kinds are present."""
+    """Means with 95% intervals over models, per variant, attack and ε (paired comparisons between
+    variants are compare.py's)."""
     summary = {}
-    for kind, results in per_model.items():
-        out = {"clean_accuracy": mean_ci([r["clean_accuracy"] for r in results])}
+    for variant, results in per_model.items():
+        out = {"clean_accuracy": accuracy_ci([r["clean_accuracy"] for r in results], results)}
         for name in ATTACKS:
             acc = np.array([r["attacks"][name]["accuracy"] for r in results])
             sr = np.array([r["attacks"][name]["success_rate"] for r in results], dtype=np.float64)
             margins = [r["attacks"][name]["robustness_margin"] for r in results]
             out[name] = {"eps": grids(cfg)[name],
-                         "accuracy": [mean_ci(acc[:, j]) for j in range(acc.shape[1])],
+                         "accuracy": [accuracy_ci(acc[:, j], results) for j in range(acc.shape[1])],
                          "success_rate": [mean_ci(sr[:, j]) for j in range(sr.shape[1])],
                          "robustness_margin": mean_ci([_nan_if_none(m) for m in margins]),
                          "n_models_without_margin": sum(m is None for m in margins)}
-        summary[kind] = out
-    comparison = None
-    if "original" in per_model and "retrained" in per_model:
-        orig = {r["seed"]: r for r in per_model["original"]}
-        retr = {r["seed"]: r for r in per_model["retrained"]}
-        seeds = sorted(set(orig) & set(retr))
-        comparison = {"seeds": seeds, "clean_accuracy": paired_difference(
-            [orig[s]["clean_accuracy"] for s in seeds], [retr[s]["clean_accuracy"] for s in seeds])}
-        for name in ATTACKS:
-            a = np.array([orig[s]["attacks"][name]["accuracy"] for s in seeds])
-            b = np.array([retr[s]["attacks"][name]["accuracy"] for s in seeds])
-            ma = [orig[s]["attacks"][name]["robustness_margin"] for s in seeds]
-            mb = [retr[s]["attacks"][name]["robustness_margin"] for s in seeds]
-            comparison[name] = {
-                "accuracy": [paired_difference(a[:, j], b[:, j]) for j in range(a.shape[1])],
-                # a margin that is never reached has no value to pair
-                "robustness_margin": (paired_difference(ma, mb)
-                                      if all(m is not None for m in ma + mb) else None)}
-    return {"per_kind": summary, "retrained_minus_original": comparison}
+        summary[variant] = out
+    return {"per_variant": summary}
+
+
+def accuracy_ci(values, results: list[dict]) -> dict:
+    """Mean accuracy over models with an interval inside [0, 1] (metrics.proportion_ci)."""
+    try:
+        from metrics import proportion_ci
+    except ImportError:  # pragma: no cover - older metrics.py
+        return mean_ci(values)
+    n = [r["n"] for r in results]
+    return proportion_ci([int(round(v * m)) for v, m in zip(values, n)], n)
 
 
 def transfer_matrix(models: dict[str, dict[int, nn.Module]], adv: dict[str, dict[int, torch.Tensor]],
                     y: torch.Tensor, batch_size: int, device) -> dict:
     """Accuracy of each target kind's model on the PGD-L∞ inputs crafted on the source kind's
     model of the same seed: per seed and averaged over seeds (rows = source, columns = target)."""
-    kinds = [k for k in models if k in adv]
+    kinds = [k for k in models if k in adv and adv[k]]
     y_np = y.numpy()
     per_seed = {}
     for seed in sorted(set.intersection(*(set(adv[k]) for k in kinds))):
@@ -334,12 +376,12 @@ def transfer_matrix(models: dict[str, dict[int, nn.Module]], adv: dict[str, dict
 
 
 def csv_rows(per_model: dict[str, list[dict]]):
-    for kind, results in per_model.items():
+    for variant, results in per_model.items():
         for r in results:
             for name in ATTACKS:
                 entry = r["attacks"][name]
                 for eps, acc, sr in zip(entry["eps"], entry["accuracy"], entry["success_rate"]):
-                    yield [kind, r["seed"], name, NORMS[name], float(eps), float(acc), float(sr)]
+                    yield [variant, r["seed"], name, NORMS[name], float(eps), float(acc), float(sr)]
 
 
 def plot(summary: dict, cfg: dict, path) -> None:
@@ -350,13 +392,12 @@ def plot(summary: dict, cfg: dict, path) -> None:
     titles = {"fgsm": "FGSM (L∞)", "pgd_linf": "PGD (L∞)", "pgd_l2": "PGD (L2)"}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, name in zip(axes, ATTACKS):
-        for kind, colour in (("original", "tab:blue"), ("retrained", "tab:orange")):
-            if kind not in summary["per_kind"]:
-                continue
-            entry = summary["per_kind"][kind][name]
+        for i, (variant, block) in enumerate(summary["per_variant"].items()):
+            colour = f"C{i % 10}"
+            entry = block[name]
             eps = entry["eps"]
             mean = [c["mean"] for c in entry["accuracy"]]
-            ax.plot(eps, mean, "o-", color=colour, label=f"{kind} (n={entry['accuracy'][0]['n']})")
+            ax.plot(eps, mean, "o-", color=colour, label=f"{variant} (n={entry['accuracy'][0]['n']})")
             ax.fill_between(eps, [c["ci_low"] for c in entry["accuracy"]],
                             [c["ci_high"] for c in entry["accuracy"]], color=colour, alpha=0.2)
         ax.axhline(cfg["adv_target_accuracy"], color="grey", ls="--", lw=0.8)
@@ -373,11 +414,6 @@ def plot(summary: dict, cfg: dict, path) -> None:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = stage_parser(__doc__.split("\n\n")[0])
-    return parser.parse_args(argv)
-
-
 def _check_config(cfg: dict) -> None:
     for key in ("adv_eps_linf", "adv_eps_l2"):
         if not cfg[key] or any(e < 0 for e in cfg[key]):
@@ -387,82 +423,68 @@ def _check_config(cfg: dict) -> None:
             raise ConfigError(f"config: key {key!r} must be > 0, got {cfg[key]!r}")
 
 
-def run(cfg: dict) -> dict:
-    start = time.perf_counter()
+def compute(ctx: stage.Context) -> dict:
+    cfg = ctx.cfg
     _check_config(cfg)
-    if cfg["num_threads"] > 0:
-        torch.set_num_threads(cfg["num_threads"])
-    artifacts.set_seed(cfg["seed"])
-    device = resolve_device(cfg)
     seeds = artifacts.model_seeds(cfg)
-    # fail fast, before loading data, with the name of a missing original checkpoint
+    # fail fast, before loading data, with the name of a missing baseline checkpoint
     for seed in seeds:
-        path = artifacts.checkpoint_path(cfg, seed, "cnn")
+        path = artifacts.checkpoint_path(cfg, seed, "baseline")
         if not path.is_file():
             raise artifacts.ArtifactError(f"{path}: no trained model (run `python main.py --config ...` first)")
-    retrained_present = any(artifacts.checkpoint_path(cfg, s, "retrained").is_file() for s in seeds)
-    ds = load_dataset(cfg)
+    variants, missing = artifacts.trained_variants(cfg)
+    ds, device = ctx.dataset, ctx.device
     n = cfg["adv_n_test"] or len(ds.x_test)
     x, y = ds.x_test[:n], ds.y_test[:n]
-    kinds = ["original"] + (["retrained"] if retrained_present else [])
-    models = {kind: {s: m for s, m, _ in artifacts.load_models(cfg, ds.fingerprint, KINDS[kind], device)}
-              for kind in kinds}
-    note = None
-    if not retrained_present:
-        note = ("no retrained models (run `python main.py -is_retrain True`): evaluated the original "
-                "models only; the transfer matrix is original → original")
-        print(f"[adversarial] {note}")
+    models = {v: {s: m for s, m, _ in artifacts.load_models(cfg, ds.fingerprint, v, device)} for v in variants}
     t_eps = transfer_eps(cfg["adv_eps_linf"], cfg["adv_transfer_eps"])
     per_model, adv = {}, {}
-    for kind in kinds:
-        per_model[kind], adv[kind] = [], {}
-        for seed, model in models[kind].items():
-            result, kept = evaluate_model(model, x, y, cfg, device, seed, t_eps, desc=f"{kind} s{seed}")
-            per_model[kind].append(result)
-            if kept is not None:
-                adv[kind][seed] = kept
-            print(f"[adversarial] {kind} seed {seed}: clean {result['clean_accuracy']:.4f}, " + ", ".join(
-                f"{a} margin {result['attacks'][a]['robustness_margin']}" for a in ATTACKS))
+    jobs = [(v, s) for v in variants for s in models[v]]
+    for v, seed in tqdm(jobs, desc="adversarial (variant, seed)", disable=None):
+        result, kept = evaluate_model(models[v][seed], x, y, cfg, device, seed, t_eps, desc=f"{v} s{seed}")
+        per_model.setdefault(v, []).append(result)
+        if kept is not None:
+            adv.setdefault(v, {})[seed] = kept
+        print(f"[adversarial] {v} seed {seed}: clean {result['clean_accuracy']:.4f}, " + ", ".join(
+            f"{a} margin {_fmt_margin(result['attacks'][a]['robustness_margin'])}" for a in ATTACKS))
     summary = summarise(per_model, cfg)
-    transfer = {"eps_linf": t_eps, "attack": "pgd_linf", "n_test": int(n), "note": note}
+    transfer = {"eps_linf": t_eps, "attack": "pgd_linf", "n_test": int(n)}
     if t_eps is not None:
         transfer.update(transfer_matrix(models, adv, y, cfg["eval_batch_size"], device))
-    out = artifacts.results_dir(cfg)
-    report = {
-        "n_test": int(n), "kinds": kinds, "retrained_present": retrained_present, "note": note,
-        "target_accuracy": cfg["adv_target_accuracy"],
+    return {
+        "n_test": int(n), "variants": variants, "not_trained": missing,
+        "target_accuracy": cfg["adv_target_accuracy"], "margin_steps": cfg["adv_margin_steps"],
         "attacks": {a: {"norm": NORMS[a], "eps": grids(cfg)[a]} for a in ATTACKS},
         "pgd": {"steps": cfg["pgd_steps"], "step_size_linf": cfg["pgd_step_size"],
                 "l2_step_factor": cfg["pgd_l2_step_factor"], "random_start": cfg["pgd_random_start"]},
         "dataset_fingerprint": ds.fingerprint,
         "per_model": per_model, **summary, "transfer": transfer,
     }
+
+
+def _fmt_margin(m) -> str:
+    return "none" if m is None else f"{m:.4g}"
+
+
+def write(ctx: stage.Context, report: dict) -> str:
+    out = ctx.results
     artifacts.atomic_write_json(out / "adversarial.json", report)
     artifacts.atomic_write_csv(out / "adversarial.csv",
-                               ["kind", "seed", "attack", "norm", "eps", "accuracy", "success_rate"],
-                               csv_rows(per_model))
-    plot(summary, cfg, out / "adversarial.png")
-    artifacts.atomic_write_json(out / "transfer.json", transfer)
-    seconds = time.perf_counter() - start
-    margins = {kind: {a: summary["per_kind"][kind][a]["robustness_margin"]["mean"] for a in ATTACKS}
-               for kind in kinds}
-    artifacts.update_manifest(cfg, "adversarial", seconds, ds.fingerprint,
-                              extra={"kinds": kinds, "n_test": int(n), "transfer_eps_linf": t_eps,
-                                     "mean_robustness_margin": margins})
-    for kind in kinds:
-        print(f"[adversarial] {kind}: mean robustness margin " + ", ".join(
-            f"{a} {margins[kind][a]:.3g}" for a in ATTACKS) + f" (accuracy < {cfg['adv_target_accuracy']})")
-    if t_eps is not None:
-        print(f"[adversarial] transfer PGD-L∞ ε={t_eps:g} accuracy (source → target): " + ", ".join(
-            f"{s}→{t} {transfer['mean'][s][t]['mean']:.3f}" for s in transfer["kinds"] for t in transfer["kinds"]))
-    print(f"[adversarial] {len(kinds)} kind(s) × {len(seeds)} models, {n} inputs in {seconds:.1f} s → {out}/adversarial.json")
-    return report
+                               ["variant", "seed", "attack", "norm", "eps", "accuracy", "success_rate"],
+                               csv_rows(report["per_model"]))
+    plot(report, ctx.cfg, out / "adversarial.png")
+    artifacts.atomic_write_json(out / "transfer.json", report["transfer"])
+    margins = {v: {a: report["per_variant"][v][a]["robustness_margin"]["mean"] for a in ATTACKS}
+               for v in report["variants"]}
+    ctx.info.update({"variants": report["variants"], "n_test": report["n_test"],
+                     "transfer_eps_linf": report["transfer"]["eps_linf"], "mean_robustness_margin": margins})
+    missing = f" (not trained, skipped: {', '.join(report['not_trained'])})" if report["not_trained"] else ""
+    return (f"{len(report['variants'])} variant(s) × {ctx.cfg['n_models']} models, {report['n_test']} inputs; "
+            "PGD-L∞ margin " + ", ".join(f"{v} {margins[v]['pgd_linf']:.4g}" for v in report["variants"])
+            + f"{missing} → {out / 'adversarial.json'}")
 
 
-@artifacts.stage_main()
-def main(argv=None) -> int:
-    run(load_stage_config(parse_args(argv)))
-    return 0
+main = stage.script("adversarial", compute, write, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from config import ROOT, TRAINING_KEYS, anchored, config_hash
+from config import ROOT, TRAINING_KEYS, anchored, config_hash, output_root
 
 
 class ArtifactError(RuntimeError):
@@ -142,13 +142,6 @@ def load_npz(path: str | Path, keys: Iterable[str] = (), made_by: str = "") -> d
 # ---------------------------------------------------------------------------------------------
 # run folders, seeds, environment
 # ---------------------------------------------------------------------------------------------
-def output_root() -> Path:
-    """Where ``model/`` and ``results/`` live: the repo root, or ``$PIPELINE_OUTPUT_ROOT`` when set
-    (the tests point it at a temporary folder so they never touch the repo's artifacts)."""
-    env = os.environ.get("PIPELINE_OUTPUT_ROOT")
-    return Path(env) if env else ROOT
-
-
 def model_dir(cfg: dict) -> Path:
     return output_root() / "model" / cfg["name"]
 
@@ -197,7 +190,9 @@ def versions() -> dict[str, str]:
 
 def update_manifest(cfg: dict, stage: str, seconds: float, fingerprint: str | None = None,
                     extra: dict | None = None) -> Path:
-    """Record (or update) this stage in ``results/<run>/manifest.json``."""
+    """Record (or update) this stage in ``results/<run>/manifest.json``: its command, wall time and
+    the resolved config it ran with (``cfg``: the stage's view, see stage.py) with that config's hash.
+    Stages never overwrite each other's config; ``config`` at the top level is their union."""
     path = results_dir(cfg) / "manifest.json"
     manifest: dict[str, Any] = {}
     if path.is_file():
@@ -205,21 +200,23 @@ def update_manifest(cfg: dict, stage: str, seconds: float, fingerprint: str | No
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError:
             manifest = {}
-    manifest.update({
-        "run": cfg["name"],
-        "config": cfg,
-        "config_hash": config_hash(cfg),
-        "git_commit": git_commit(),
-        "versions": versions(),
-        "seeds": model_seeds(cfg),
-    })
+    stage_cfg = dict(cfg)
+    manifest.update({"run": cfg["name"], "layout": LAYOUT_VERSION, "git_commit": git_commit(),
+                     "versions": versions()})
+    if "seed" in stage_cfg and "n_models" in stage_cfg:
+        manifest["seeds"] = model_seeds(cfg)
     if fingerprint is not None:
         manifest["dataset_fingerprint"] = fingerprint
     stages = manifest.setdefault("stages", {})
     stages[stage] = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                      "seconds": round(seconds, 3),
                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "config": stage_cfg, "config_hash": config_hash(stage_cfg),
                      **(extra or {})}
+    union: dict[str, Any] = {}
+    for entry in stages.values():
+        union.update(entry.get("config", {}))
+    manifest["config"] = dict(sorted(union.items()))
     return atomic_write_json(path, manifest)
 
 
@@ -237,9 +234,30 @@ def stage_timer(name: str):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-def checkpoint_path(cfg: dict, seed: int, kind: str = "cnn") -> Path:
-    """``kind`` is ``cnn`` (original) or ``retrained``."""
-    return model_dir(cfg) / f"{kind}_s{seed}.pt"
+LAYOUT_VERSION = 2  # 2: artifacts keyed by training variant (model/<run>/<variant>_s<seed>.pt)
+
+
+def checkpoint_path(cfg: dict, seed: int, variant: str = "baseline") -> Path:
+    """``model/<run>/<variant>_s<seed>.pt`` (variant names: variants.py)."""
+    return model_dir(cfg) / f"{variant}_s{seed}.pt"
+
+
+def variant_dir(cfg: dict, variant: str) -> Path:
+    """``results/<run>/variants/<variant>/``: one variant's training summary and radius files."""
+    return results_dir(cfg) / "variants" / variant
+
+
+def check_layout(cfg: dict) -> None:
+    """A run folder written before training variants existed (``cnn_s<seed>.pt``,
+    ``robustness_original.json``) is reported in one line instead of being half-read."""
+    old = [model_dir(cfg) / "cnn_s0.pt", results_dir(cfg) / "robustness_original.json"]
+    old += sorted(model_dir(cfg).glob("cnn_s*.pt"))[:1] + sorted(model_dir(cfg).glob("retrained_s*.pt"))[:1]
+    for path in old:
+        if path.is_file():
+            raise ArtifactError(
+                f"{path}: this run folder predates training variants (now model/<run>/<variant>_s<seed>.pt "
+                f"and results/<run>/variants/<variant>/); move model/{cfg['name']} and results/{cfg['name']} "
+                f"aside or delete them (`make clean-run CONFIG=...`) and rerun")
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
@@ -270,14 +288,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), meta
 
 
-def load_models(cfg: dict, fingerprint: str, kind: str = "cnn",
+def load_models(cfg: dict, fingerprint: str, variant: str = "baseline",
                 device: torch.device | str = "cpu") -> list[tuple[int, torch.nn.Module, dict]]:
-    """All ``n_models`` checkpoints of a run, checked against the dataset fingerprint and the
+    """All ``n_models`` checkpoints of one variant, checked against the dataset fingerprint and the
     training config. Returns ``[(seed, model, meta), ...]`` in seed order."""
-    made_by = "python main.py -is_retrain True" if kind == "retrained" else "python main.py"
+    made_by = "python main.py" if variant == "baseline" else f"python main.py --variant {variant}"
     loaded = []
     for seed in model_seeds(cfg):
-        path = checkpoint_path(cfg, seed, kind)
+        path = checkpoint_path(cfg, seed, variant)
         if not path.is_file():
             raise ArtifactError(f"{path}: no trained model (run `{made_by} --config ...` first)")
         model, meta = load_checkpoint(path, device)
@@ -305,8 +323,9 @@ def stage_main(*extra_errors: type[BaseException]):
 
     from config import ConfigError
     from mnistload import DatasetError
+    from variants import VariantError
 
-    handled = (ConfigError, DatasetError, ArtifactError, *extra_errors)
+    handled = (ConfigError, DatasetError, ArtifactError, VariantError, *extra_errors)
 
     def decorate(main):
         @functools.wraps(main)
@@ -321,3 +340,25 @@ def stage_main(*extra_errors: type[BaseException]):
             return 0 if code is None else code
         return wrapper
     return decorate
+
+
+def trained_variants(cfg: dict) -> tuple[list[str], list[str]]:
+    """(trained, not trained): the variants of the config (and the seed workflow's ``-is_retrain``
+    variant) whose every seed has a checkpoint. The baseline must be trained."""
+    from variants import VariantError, plan
+
+    candidates: list[str] = []
+    subsets = results_dir(cfg) / "subsets.json"
+    try:
+        candidates = [v.name for v in plan(cfg)]
+    except VariantError:  # a dose given as remove_fraction: the names cc_remove.py resolved
+        candidates = load_json(subsets, ("variants",), made_by="python cc_remove.py")["variants"]
+    if subsets.is_file():
+        extra = load_json(subsets).get("is_retrain_variant")
+        if extra and extra not in candidates:
+            candidates.append(extra)
+    trained = [v for v in candidates if all(checkpoint_path(cfg, s, v).is_file() for s in model_seeds(cfg))]
+    if "baseline" not in trained:
+        raise ArtifactError(f"{checkpoint_path(cfg, model_seeds(cfg)[0], 'baseline')}: no trained baseline model "
+                            "(run `python main.py --config ...` first)")
+    return trained, [v for v in candidates if v not in trained]

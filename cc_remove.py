@@ -11,32 +11,28 @@ surprising. For every trained model this stage
    against the training set, for each configured variant and layer;
 2. scores DSA as a detector of wrong predictions on test (AUROC with a bootstrap 95% CI);
 3. pools the models' top-``dsa_top`` training inputs by DSA (the paper's pooling over models) and
-   marks as corner cases the ``remove_count`` inputs found most often in those sets;
-4. writes ``dsa_{train,test}.npz``, ``corner_cases.{json,png}``, ``dsa_hist.png`` and
-   ``kept_indices.json`` (the training indices kept for ``python main.py -is_retrain True``).
+   ranks every training input by it: the first N are the corner cases of dose N;
+4. chooses the removed inputs of every removal variant of the config (variants.py: corner cases,
+   random control drawn afresh per seed, least surprising, class-matched random) at every dose;
+5. writes ``dsa_{train,test}.npz``, ``corner_cases.{json,png}``, ``dsa_hist.png``, ``subsets.json``
+   (every variant's removed indices per seed, with the random draws' seeds) and ``kept_indices.json``
+   (the seed workflow's kept indices: corner cases at ``remove_count``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from artifacts import (atomic_savefig, atomic_savez, atomic_write_json, load_models,
-                       results_dir, stage_main, update_manifest)
+import stage
+from artifacts import atomic_savefig, atomic_savez, atomic_write_json, load_models, model_seeds
 from cnnmodel import layer_activations
-from config import ConfigError, config_hash, load_stage_config, resolve_device, stage_parser
+from config import config_hash
 from dif_dsa import dsa
 from metrics import auroc_ci
-from mnistload import load_dataset
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = stage_parser("DSA corner cases: score, pool over models, choose removals.")
-    return p.parse_args(argv)
+from variants import Variant, plan, removal_sets, seed_workflow_count
 
 
 def array_key(kind: str, variant: str, layer: str) -> str:
@@ -86,27 +82,17 @@ def choose_corner_cases(train_dsa: np.ndarray, top: int, n_remove: int) -> dict:
     ranks[np.arange(m)[:, None], order] = np.arange(n)[None, :]
     frequency = (ranks < top).sum(axis=0)
     mean_rank = ranks.mean(axis=0)
-    chosen = np.lexsort((np.arange(n), mean_rank, -frequency))[:n_remove]
+    ranking = np.lexsort((np.arange(n), mean_rank, -frequency))
+    chosen = ranking[:n_remove]
     per_model_threshold = np.sort(train_dsa, axis=1)[:, n - top]
-    return {"removed": chosen, "frequency": frequency, "mean_rank": mean_rank,
+    return {"removed": chosen, "ranking": ranking, "frequency": frequency, "mean_rank": mean_rank,
             "per_model_threshold": per_model_threshold,
             "min_frequency_removed": int(frequency[chosen].min())}
 
 
-def n_to_remove(cfg: dict, n_train: int) -> int:
-    if cfg["remove_count"] > 0:
-        return cfg["remove_count"]
-    n = int(round(cfg["remove_fraction"] * n_train))
-    if n < 1:
-        raise ConfigError("remove_count is 0 and remove_fraction selects no training input")
-    return n
-
-
-def run(cfg: dict) -> dict:
-    device = resolve_device(cfg)
-    ds = load_dataset(cfg)
-    models = load_models(cfg, ds.fingerprint, "cnn", device)
-    rdir = results_dir(cfg)
+def compute(ctx: stage.Context) -> dict:
+    cfg, ds, device = ctx.cfg, ctx.dataset, ctx.device
+    models = load_models(cfg, ds.fingerprint, "baseline", device)
     seeds = [seed for seed, _, _ in models]
     per_model = [model_dsa(model, ds, cfg, device)
                  for _, model, _ in tqdm(models, desc="DSA per model", disable=None)]
@@ -116,9 +102,6 @@ def run(cfg: dict) -> dict:
                        for key in per_model[0]["arrays"][split]} for split in ("train", "test")}
     preds = {split: np.stack([pm["pred"][split] for pm in per_model]) for split in ("train", "test")}
     labels = {"train": ds.y_train.numpy(), "test": ds.y_test.numpy()}
-    for split in ("train", "test"):
-        atomic_savez(rdir / f"dsa_{split}.npz", seeds=np.asarray(seeds, dtype=np.int64), labels=labels[split],
-                     pred=preds[split].astype(np.int64), **stacked[split])
 
     # corner-case AUROC: does DSA tell wrong test predictions from right ones?
     auroc_table = []
@@ -130,10 +113,26 @@ def run(cfg: dict) -> dict:
                 res = auroc_ci(wrong, stacked["test"][key][i], cfg["bootstrap"], seed=seed)
                 auroc_table.append({"variant": variant, "layer": layer, "seed": seed, **res})
 
-    # corner cases: pooled top-DSA training inputs
+    # corner cases: pooled top-DSA training inputs; every removal variant's subsets
+    n_train = len(ds.x_train)
     cc_key = array_key("dsa", cfg["cc_variant"], cfg["cc_layer"])
-    n_remove = n_to_remove(cfg, len(ds.x_train))
-    chosen = choose_corner_cases(stacked["train"][cc_key], cfg["dsa_top"], n_remove)
+    seed_variant = Variant("corner_cases", seed_workflow_count(cfg, n_train))
+    chosen = choose_corner_cases(stacked["train"][cc_key], cfg["dsa_top"], seed_variant.n_remove)
+    variants = plan(cfg, n_train)
+    subsets = removal_sets(variants + [seed_variant], model_seeds(cfg), n_train, labels["train"],
+                           chosen["ranking"])
+    return {"seeds": seeds, "stacked": stacked, "preds": preds, "labels": labels, "auroc": auroc_table,
+            "chosen": chosen, "cc_key": cc_key, "seed_variant": seed_variant, "subsets": subsets,
+            "variants": variants}
+
+
+def write(ctx: stage.Context, res: dict) -> str:
+    cfg, ds, rdir = ctx.cfg, ctx.dataset, ctx.results
+    seeds, stacked, preds, labels = res["seeds"], res["stacked"], res["preds"], res["labels"]
+    for split in ("train", "test"):
+        atomic_savez(rdir / f"dsa_{split}.npz", seeds=np.asarray(seeds, dtype=np.int64), labels=labels[split],
+                     pred=preds[split].astype(np.int64), **stacked[split])
+    chosen, cc_key = res["chosen"], res["cc_key"]
     removed = chosen["removed"]
     kept = np.setdiff1d(np.arange(len(ds.x_train)), removed)
     removed_rows = [{"index": int(i), "pool_index": int(ds.train_index[i]), "label": int(labels["train"][i]),
@@ -146,17 +145,25 @@ def run(cfg: dict) -> dict:
         "dsa_top": cfg["dsa_top"], "n_train": len(ds.x_train), "n_removed": len(removed),
         "threshold": {"min_frequency_removed": chosen["min_frequency_removed"], "n_models": len(seeds),
                       "per_model_top_dsa_threshold": chosen["per_model_threshold"].tolist()},
-        "auroc": auroc_table, "auroc_summary": summarise_auroc(auroc_table),
+        "auroc": res["auroc"], "auroc_summary": summarise_auroc(res["auroc"]),
         "removed": removed_rows,
     }
     atomic_write_json(rdir / "corner_cases.json", summary)
+    atomic_write_json(rdir / "subsets.json", {
+        "dataset_fingerprint": ds.fingerprint, "n_train": len(ds.x_train), "config_hash": config_hash(cfg),
+        "is_retrain_variant": res["seed_variant"].name, "variants": [v.name for v in res["variants"]],
+        "surprise_ranking": chosen["ranking"].tolist(), "subsets": res["subsets"], "made_by": "cc_remove.py"})
     atomic_write_json(rdir / "kept_indices.json", {
         "indices": kept.tolist(), "n_train": len(ds.x_train), "n_kept": len(kept),
         "removed": sorted(int(i) for i in removed), "dataset_fingerprint": ds.fingerprint,
         "config_hash": config_hash(cfg), "made_by": "cc_remove.py"})
     corner_case_grid(ds.x_train[torch.from_numpy(removed[:40])], removed_rows[:40], rdir / "corner_cases.png")
     dsa_histogram(stacked["test"][cc_key], preds["test"] != labels["test"][None, :], cfg, rdir / "dsa_hist.png")
-    return summary
+    ctx.info.update({"n_removed": len(removed), "subsets": sorted(res["subsets"])})
+    aurocs = "; ".join(f"DSA {r['variant']}/{r['layer']} AUROC {r['auroc']['mean']:.3f} "
+                       f"[{r['auroc']['ci_low']:.3f}, {r['auroc']['ci_high']:.3f}]" for r in summary["auroc_summary"])
+    return (f"{aurocs}; removal sets for {len(res['subsets'])} subset(s); corner cases removed for "
+            f"-is_retrain: {len(removed)} of {len(ds.x_train)} → {rdir / 'subsets.json'}")
 
 
 def summarise_auroc(table: list[dict]) -> list[dict]:
@@ -213,21 +220,7 @@ def dsa_histogram(test_dsa: np.ndarray, wrong: np.ndarray, cfg: dict, path) -> N
     atomic_savefig(fig, path)
 
 
-@stage_main()
-def main(argv=None) -> int:
-    cfg = load_stage_config(parse_args(argv))
-    start = time.perf_counter()
-    summary = run(cfg)
-    seconds = time.perf_counter() - start
-    update_manifest(cfg, "cc_remove", seconds, summary["dataset_fingerprint"],
-                    {"n_removed": summary["n_removed"]})
-    for row in summary["auroc_summary"]:
-        a = row["auroc"]
-        print(f"[cc_remove] DSA {row['variant']}/{row['layer']}: AUROC (wrong predictions) "
-              f"{a['mean']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] over {row['n_models']} models")
-    print(f"[cc_remove] removed {summary['n_removed']} of {summary['n_train']} training inputs "
-          f"({seconds:.1f} s) → {results_dir(cfg) / 'kept_indices.json'}")
-    return 0
+main = stage.script("cc_remove", compute, write, "DSA corner cases: score, pool over models, choose removals.")
 
 
 if __name__ == "__main__":

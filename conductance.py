@@ -27,9 +27,7 @@ CLI: ``python conductance.py [--config configs/X.yaml] [--set key=value ...]`` w
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -39,8 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from config import config_hash, load_stage_config, resolve_device, stage_parser
-from mnistload import load_dataset
+import stage
+from config import config_hash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,54 +184,43 @@ def conductance_split(models, x: torch.Tensor, cfg: dict, device) -> dict[str, n
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = stage_parser(__doc__.split("\n\n")[0])
-    return parser.parse_args(argv)
-
-
-def run(cfg: dict) -> dict:
-    start = time.perf_counter()
-    if cfg["num_threads"] > 0:
-        torch.set_num_threads(cfg["num_threads"])
-    artifacts.set_seed(cfg["seed"])  # nothing here is random; kept for one seed per stage
-    device = resolve_device(cfg)
+def compute(ctx: stage.Context) -> dict:
+    cfg, device = ctx.cfg, ctx.device
     # fail fast (before loading data) with the missing checkpoint's name
     for seed in artifacts.model_seeds(cfg):
-        path = artifacts.checkpoint_path(cfg, seed, "cnn")
+        path = artifacts.checkpoint_path(cfg, seed, "baseline")
         if not path.is_file():
             raise artifacts.ArtifactError(f"{path}: no trained model (run `python main.py --config ...` first)")
-    ds = load_dataset(cfg)
-    models = artifacts.load_models(cfg, ds.fingerprint, "cnn", device=device)
-    seeds = np.array([s for s, _, _ in models], dtype=np.int64)
-    out_dir = artifacts.results_dir(cfg)
-    summary = {}
+    ds = ctx.dataset
+    models = artifacts.load_models(cfg, ds.fingerprint, "baseline", device=device)
+    out = {"seeds": np.array([s for s, _, _ in models], dtype=np.int64), "splits": {}}
     for split in cfg["conductance_splits"]:
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
-        res = conductance_split(models, x, cfg, device)
-        artifacts.atomic_savez(out_dir / f"conductance_{split}.npz", seeds=seeds,
-                               labels=np.asarray(y, dtype=np.int64), **res,
+        out["splits"][split] = (np.asarray(y, dtype=np.int64), conductance_split(models, x, cfg, device))
+    return out
+
+
+def write(ctx: stage.Context, res: dict) -> str:
+    cfg, out_dir = ctx.cfg, ctx.results
+    summary = {}
+    for split, (labels, arrays) in res["splits"].items():
+        artifacts.atomic_savez(out_dir / f"conductance_{split}.npz", seeds=res["seeds"], labels=labels, **arrays,
                                layer=np.array(cfg["conductance_layer"]),
-                               dataset_fingerprint=np.array(ds.fingerprint),
+                               dataset_fingerprint=np.array(ctx.fingerprint),
                                config_hash=np.array(config_hash(cfg)))
-        summary[split] = delta_summary(res["delta"], res["f_diff"])
+        summary[split] = delta_summary(arrays["delta"], arrays["f_diff"])
         s = summary[split]
-        print(f"[conductance] {split}: {res['features'].shape[0]} models x {res['features'].shape[1]} inputs "
-              f"x {res['features'].shape[2]} channels of {cfg['conductance_layer']}; |delta|/|F(x)-F(x')| "
+        print(f"[conductance] {split}: {arrays['features'].shape[0]} models x {arrays['features'].shape[1]} inputs "
+              f"x {arrays['features'].shape[2]} channels of {cfg['conductance_layer']}; |delta|/|F(x)-F(x')| "
               f"median {s['median_rel_delta']:.2e}, max {s['max_rel_delta']:.2e}")
-    seconds = time.perf_counter() - start
-    artifacts.update_manifest(cfg, "conductance", seconds, ds.fingerprint,
-                              extra={"layer": cfg["conductance_layer"],
-                                     "n_steps": cfg["conductance_n_steps"],
-                                     "convergence_delta": summary})
-    print(f"[conductance] {len(models)} models, splits {cfg['conductance_splits']} in {seconds:.1f} s "
-          f"→ {out_dir}/conductance_{{{','.join(cfg['conductance_splits'])}}}.npz")
-    return summary
+    ctx.info.update({"layer": cfg["conductance_layer"], "n_steps": cfg["conductance_n_steps"],
+                     "convergence_delta": summary})
+    return (f"{len(res['seeds'])} models, splits {cfg['conductance_splits']} "
+            f"→ {out_dir}/conductance_{{{','.join(cfg['conductance_splits'])}}}.npz")
 
 
-@artifacts.stage_main(ValueError, KeyError)  # KeyError: an unknown conductance_layer
-def main(argv=None) -> int:
-    run(load_stage_config(parse_args(argv)))
-    return 0
+# KeyError: an unknown conductance_layer
+main = stage.script("conductance", compute, write, __doc__.split("\n\n")[0], (ValueError, KeyError))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -57,6 +59,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "remove_count": (100, "corner cases removed from the training set; 0 = use remove_fraction"),
     "remove_fraction": (0.0, "fraction of the training set removed when remove_count is 0"),
     "bootstrap": (1000, "bootstrap resamples for 95% confidence intervals"),
+    # --- training variants: subset rule x regime (DESIGN.md, "Variants") ----------------------
+    "variants": (["baseline", "corner_cases", "random"],
+                 "variants: rule[+regime]; rules baseline|corner_cases|random|least_surprising|"
+                 "random_class_matched; regimes standard|pgd_at|sep"),
+    "remove_counts": ([], "doses N: every removal rule runs at each; [] = [remove_count]"),
     # --- model mutation and LCR (Wang et al. arXiv 1812.05793) --------------------------------
     "mutation_operators": (["NAI"], "operators: GF | WS | NAI | NS | GF_filter | NAI_filter"),
     "mutation_rates": ([0.01], "mutation rates gamma, each in [0, 1]"),
@@ -84,7 +91,17 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "adv_target_accuracy": (0.5, "robustness margin: smallest eps with accuracy below this"),
     "adv_n_test": (200, "test inputs attacked per model; 0 = the whole test split"),
     "adv_transfer_eps": (0.1, "L-inf eps of the transfer matrix (nearest positive grid value)"),
+    "adv_report_eps": (0.1, "L-inf eps at which variant tables report PGD accuracy (nearest grid value)"),
+    "adv_margin_steps": (6, "bisection steps per model refining each PGD robustness margin; 0 = grid only"),
+    # --- training regimes and explanation robustness (Chen et al. arXiv 2403.06013) -----------
 }
+
+# Element type of list keys whose default is empty (so the element type cannot be read off it).
+LIST_ITEM_TYPES: dict[str, Any] = {"remove_counts": 0}
+
+# A number written as YAML 1.1 does not read it (``1e-3``: no dot before the exponent) arrives as a
+# string; it is accepted wherever a float is expected.
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -109,6 +126,8 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
             fail("an integer")
         return value
     if isinstance(default, float):
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         return float(value)
@@ -119,8 +138,9 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
     if isinstance(default, list):
         if not isinstance(value, list):
             fail("a list")
-        if default:
-            return [_check_type(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        item = default[0] if default else LIST_ITEM_TYPES.get(key.split("[")[0])
+        if item is not None:
+            return [_check_type(f"{key}[{i}]", v, item, source) for i, v in enumerate(value)]
         return value
     raise AssertionError(f"unsupported default type for {key}")
 
@@ -190,8 +210,16 @@ def _check_ranges(cfg: dict[str, Any], source: str) -> None:
     need(cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda"),
          "device", "auto, cpu or cuda[:N]")
     need(cfg["arch"] in ("mnist_convnet", "cifar_cnn"), "arch", "mnist_convnet or cifar_cnn")
-    need(all(s in ("train", "val", "test") for s in cfg["lcr_splits"] + cfg["conductance_splits"]),
-         "lcr_splits", "splits among train, val, test")
+    for key in ("lcr_splits", "conductance_splits"):
+        need(all(s in ("train", "val", "test") for s in cfg[key]), key, "splits among train, val, test")
+    need(all(n >= 1 for n in cfg["remove_counts"]), "remove_counts", "a list of counts >= 1")
+    need(cfg["adv_margin_steps"] >= 0, "adv_margin_steps", ">= 0")
+    from variants import VariantError, parse_variant_specs  # noqa: PLC0415 - variants imports config
+
+    try:
+        parse_variant_specs(cfg["variants"])
+    except VariantError as exc:
+        raise ConfigError(f"{source}: key 'variants': {exc}") from None
 
 
 def config_hash(cfg: dict[str, Any], keys: Iterable[str] | None = None) -> str:
@@ -205,6 +233,13 @@ def config_hash(cfg: dict[str, Any], keys: Iterable[str] | None = None) -> str:
 # The model's own seed is stored in its checkpoint, so ``seed``/``n_models`` are not listed.
 TRAINING_KEYS = ("dataset", "data_dir", "n_train", "n_val", "n_test", "split_seed", "arch",
                  "n_classes", "batch_size", "learning_rate", "num_epochs", "weight_decay")
+
+
+def output_root() -> Path:
+    """Where ``model/`` and ``results/`` live: the repo root, or ``$PIPELINE_OUTPUT_ROOT`` when set
+    (the tests point it at a temporary folder so they never touch the repo's artifacts)."""
+    env = os.environ.get("PIPELINE_OUTPUT_ROOT")
+    return Path(env) if env else ROOT
 
 
 def anchored(path: str | Path) -> Path:

@@ -18,27 +18,19 @@ bootstrap 95% intervals per model, and mean ± 95% CI over models. Writes ``dete
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 import warnings
 
 import numpy as np
 import torch
 
+import stage
 from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_write_text, load_models,
-                       load_npz, results_dir, stage_main, update_manifest)
+                       load_npz, results_dir)
 from cnnmodel import predict_logits
-from config import load_stage_config, resolve_device, stage_parser
 from metrics import auroc_ci, mean_ci
-from mnistload import load_dataset
 
 DETECTORS = ("max_softmax", "dsa", "lcr", "conductance_logreg", "conductance_mlp", "lcr+conductance")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = stage_parser("Score misprediction detectors (AUROC/AUPR with CIs).")
-    return p.parse_args(argv)
 
 
 def fit_and_score(kind: str, x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, seed: int,
@@ -131,10 +123,9 @@ def load_inputs(cfg: dict, ds, models) -> list[dict]:
     return per_model
 
 
-def run(cfg: dict) -> dict:
-    device = resolve_device(cfg)
-    ds = load_dataset(cfg)
-    models = load_models(cfg, ds.fingerprint, "cnn", device)
+def compute(ctx: stage.Context) -> dict:
+    cfg, ds, device = ctx.cfg, ctx.dataset, ctx.device
+    models = load_models(cfg, ds.fingerprint, "baseline", device)
     per_model = load_inputs(cfg, ds, models)
     hidden = tuple(cfg["detector_mlp_hidden"])
     rows, curves = [], {}
@@ -169,11 +160,18 @@ def run(cfg: dict) -> dict:
            "summary": summary,
            "lcr_means": {"correct": mean_ci([r["lcr_correct"] for r in lcr_rows]),
                          "wrong": mean_ci([r["lcr_wrong"] for r in lcr_rows]), "per_model": lcr_rows}}
-    rdir = results_dir(cfg)
+    return {"out": out, "curves": curves}
+
+
+def write(ctx: stage.Context, res: dict) -> str:
+    out, rdir = res["out"], ctx.results
     atomic_write_json(rdir / "detectors.json", out)
     atomic_write_text(rdir / "detectors.md", detectors_markdown(out))
-    roc_plot(curves, per_model[0]["seed"], rdir / "roc.png")
-    return out
+    roc_plot(res["curves"], out["seeds"][0], rdir / "roc.png")
+    best = max((r for r in out["summary"] if not np.isnan(r["auroc"]["mean"])),
+               key=lambda r: r["auroc"]["mean"], default=None)
+    text = ", ".join(f"{r['detector']} {r['auroc']['mean']:.3f}" for r in out["summary"])
+    return f"AUROC: {text}; best {best['detector'] if best else 'n/a'} → {rdir / 'detectors.md'}"
 
 
 def _fmt_ci(m: dict) -> str:
@@ -224,18 +222,7 @@ def roc_plot(curves: dict, seed: int, path) -> None:
     atomic_savefig(fig, path)
 
 
-@stage_main()
-def main(argv=None) -> int:
-    cfg = load_stage_config(parse_args(argv))
-    start = time.perf_counter()
-    out = run(cfg)
-    seconds = time.perf_counter() - start
-    update_manifest(cfg, "detectors", seconds, out["dataset_fingerprint"])
-    best = max((r for r in out["summary"] if not np.isnan(r["auroc"]["mean"])),
-               key=lambda r: r["auroc"]["mean"], default=None)
-    text = ", ".join(f"{r['detector']} {r['auroc']['mean']:.3f}" for r in out["summary"])
-    print(f"[detectors] AUROC: {text}; best {best['detector'] if best else 'n/a'} ({seconds:.1f} s)")
-    return 0
+main = stage.script("detectors", compute, write, "Score misprediction detectors (AUROC/AUPR with CIs).")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
-"""Train the CNNs, evaluate them, and measure their DeepFool robustness radius.
+"""Train the CNNs of every training variant, evaluate them, and measure their DeepFool radius.
 
-    python main.py [--config configs/default.yaml] [--set key=value ...]   # train n_models originals
-    python main.py -is_retrain True                                        # retrain without corner cases
+    python main.py [--config configs/default.yaml] [--set key=value ...]   # the baseline models
+    python main.py -is_retrain True                                        # without the corner cases
+    python main.py --variant random_n100                                   # any one variant
+    python main.py --variant all                                           # every variant of the config
 
-Original run: trains ``n_models`` models (seeds seed, seed+1, ...) on the training split, evaluates
-on test, saves ``model/<run>/cnn_s<seed>.pt`` and ``results/<run>/train.json``, then measures the
-DeepFool robustness radius of every model (``results/<run>/robustness_original.*``).
+A variant (variants.py, DESIGN.md "Variants") is a training subset × a training regime. ``n_models``
+models are trained per variant with seeds seed, seed+1, ... — the same seeds for every variant, so
+comparisons pair by seed. Each model is saved as ``model/<run>/<variant>_s<seed>.pt``, its variant's
+training summary as ``results/<run>/variants/<variant>/train.json``; then (unless ``--no-measure``)
+the DeepFool robustness radius of every model is measured (robustness.py).
 
-Retraining (``-is_retrain True``): the same seeds, trained on the training inputs listed in
-``results/<run>/kept_indices.json`` (written by ``cc_remove.py``), measured the same way
-(``robustness_retrained.*``), and compared with the originals (``compare.{json,md,png}``).
+``-is_retrain True`` is the seed workflow's name for the corner-case variant at ``remove_count``:
+it trains on the training inputs kept by ``cc_remove.py`` (``subsets.json``), measures the radius
+and writes the paired comparison with the baseline (``compare.{json,md,png}``).
+
+A training run whose loss or parameters stop being finite stops with an error naming the seed and
+epoch, and writes no checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -22,18 +30,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_write_text,
-                       checkpoint_path, load_json, model_seeds, results_dir, save_checkpoint,
-                       set_seed, stage_main, update_manifest, versions)
+import stage
+from artifacts import (ArtifactError, atomic_write_json, checkpoint_path, load_json, model_seeds,
+                       results_dir, save_checkpoint, set_seed, stage_main, variant_dir, versions)
 from cnnmodel import build_model, predict
-from config import (TRAINING_KEYS, config_hash, load_stage_config,
-                    resolve_device, stage_parser)
-from mnistload import Dataset, load_dataset
-from metrics import mean_ci, paired_difference
+from config import TRAINING_KEYS, config_hash, load_stage_config, stage_parser
+from metrics import mean_ci
+from mnistload import Dataset
+from variants import BASELINE, Variant, VariantError, parse_variant_name, plan
 
 
-CHECKPOINT_KIND = {"original": "cnn", "retrained": "retrained"}  # model/<run>/<kind>_s<seed>.pt
-TRAIN_SUMMARY = {"original": "train.json", "retrained": "train_retrained.json"}
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters became NaN/inf; the message names the seed and the epoch."""
 
 
 def str2bool(text: str) -> bool:
@@ -54,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-n_classes", type=int, help="number of classes (config key n_classes)")
     p.add_argument("-num_epochs", type=int, help="training epochs (config key num_epochs)")
     p.add_argument("-is_retrain", type=str2bool, default=False, metavar="True|False",
-                   help="retrain on results/<run>/kept_indices.json instead of the full training set")
+                   help="train the corner-case variant at remove_count (needs cc_remove.py) and compare")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="train this variant (e.g. random_n100, corner_cases_n50+pgd_at), or 'all' for "
+                        "every variant of the config except the baseline")
+    p.add_argument("--no-measure", action="store_true", help="train only; robustness.py measures later")
     return p.parse_args(argv)
 
 
@@ -70,16 +82,36 @@ def resolve_config(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
-def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                seed: int, device: torch.device, desc: str = "") -> tuple[nn.Module, list[dict]]:
-    """Adam on cross-entropy; mini-batches drawn by a generator seeded with ``seed``.
+def _check_finite(model: nn.Module, loss: torch.Tensor | None, seed: int, epoch: int, what: str) -> None:
+    bad = loss is not None and not torch.isfinite(loss)
+    if bad or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        value = f"loss {float(loss):g}" if bad else "non-finite parameters"
+        raise TrainingDiverged(f"seed {seed}, epoch {epoch}: training diverged ({value} {what}); "
+                               "lower learning_rate — no checkpoint was written")
 
-    Same config, data and seed ⇒ the same parameters bit for bit on CPU.
-    """
+
+# An epoch whose mean training loss exceeds this many times chance level (ln n_classes) has diverged
+# even when every number is still finite (e.g. Adam at learning_rate 1e6: logits of 1e9, accuracy 10%).
+DIVERGED_LOSS_FACTOR = 10.0
+
+
+def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                seed: int, device: torch.device, desc: str = "",
+                regime: str = "standard") -> tuple[nn.Module, list[dict]]:
+    """Adam on the regime's loss (``standard``: cross-entropy); mini-batches drawn by a generator
+    seeded with ``seed``. Same config, data and seed ⇒ the same parameters bit for bit on CPU.
+    Raises TrainingDiverged (naming seed and epoch) when the loss or the parameters blow up."""
     set_seed(seed)
     model = build_model(cfg["arch"], cfg["n_classes"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     loss_fn = nn.CrossEntropyLoss()
+    regime_loss = None
+    if regime != "standard":
+        import regimes  # noqa: PLC0415 - only the non-standard regimes need it
+
+        regime_gen = torch.Generator().manual_seed(seed + 1_000_003)  # its own stream: batch order unchanged
+        settings = {k: cfg[k] for k in regimes.REGIME_KEYS}
+        regime_loss = lambda m, xb, yb: regimes.training_loss(regime, m, xb, yb, settings, regime_gen)  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
     history = []
     n, bs = len(x), cfg["batch_size"]
@@ -93,12 +125,21 @@ def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
             idx = order[start:start + bs]
             xb, yb = x[idx].to(device), y[idx].to(device)
             opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
+            if regime_loss is None:
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+            else:
+                loss, logits = regime_loss(model, xb, yb)
+            _check_finite(model, loss.detach(), seed, epoch, "in a mini-batch")
             loss.backward()
             opt.step()
             total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+            correct += int((logits.detach().argmax(1) == yb).sum())
+        _check_finite(model, None, seed, epoch, "after the epoch")
+        if total_loss / n > DIVERGED_LOSS_FACTOR * math.log(cfg["n_classes"]):
+            raise TrainingDiverged(
+                f"seed {seed}, epoch {epoch}: training diverged (mean loss {total_loss / n:.3g}, more than "
+                f"{DIVERGED_LOSS_FACTOR:g}× chance level); lower learning_rate — no checkpoint was written")
         val_acc = accuracy(model, x_val, y_val, cfg["eval_batch_size"], device)
         history.append({"epoch": epoch, "loss": total_loss / n, "train_accuracy": correct / n,
                         "val_accuracy": val_acc})
@@ -113,163 +154,138 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 # ---------------------------------------------------------------------------------------------
-# kept indices (retraining)
+# which training inputs each variant keeps
 # ---------------------------------------------------------------------------------------------
-def load_kept_indices(cfg: dict, ds: Dataset) -> np.ndarray:
-    """Read ``results/<run>/kept_indices.json`` and check it belongs to this dataset split."""
-    path = results_dir(cfg) / "kept_indices.json"
-    data = load_json(path, ("indices", "dataset_fingerprint", "n_train"), made_by="python cc_remove.py")
+def load_subsets(cfg: dict, ds: Dataset) -> dict:
+    """``results/<run>/subsets.json`` (cc_remove.py), checked against this dataset split."""
+    path = results_dir(cfg) / "subsets.json"
+    data = load_json(path, ("subsets", "dataset_fingerprint", "n_train"), made_by="python cc_remove.py")
     if data["dataset_fingerprint"] != ds.fingerprint:
         raise ArtifactError(f"{path}: dataset fingerprint {data['dataset_fingerprint']!r} does not match "
                             f"the configured dataset {ds.fingerprint!r} (rerun `python cc_remove.py`)")
-    idx = np.asarray(data["indices"], dtype=np.int64)
-    n = len(ds.x_train)
-    if data["n_train"] != n or idx.ndim != 1 or len(idx) == 0 or idx.min() < 0 or idx.max() >= n \
-            or len(np.unique(idx)) != len(idx):
-        raise ArtifactError(f"{path}: expected unique indices in [0, {n}) into the training split")
-    return np.sort(idx)
+    if data["n_train"] != len(ds.x_train):
+        raise ArtifactError(f"{path}: written for {data['n_train']} training inputs, the split has {len(ds.x_train)}")
+    return data["subsets"]
+
+
+def kept_indices(variant: Variant, seed: int, subsets: dict | None, n_train: int, path_hint: str) -> np.ndarray:
+    """Training indices a (variant, seed) model trains on: all, minus the variant's removed set."""
+    if variant.rule == "baseline":
+        return np.arange(n_train)
+    entry = (subsets or {}).get(variant.subset)
+    if entry is None or str(seed) not in entry["per_seed"]:
+        raise ArtifactError(f"{path_hint}: no removal set for {variant.subset} seed {seed} (add the rule to "
+                            "`variants` and N to `remove_counts`, then rerun `python cc_remove.py`)")
+    removed = np.asarray(entry["per_seed"][str(seed)]["removed"], dtype=np.int64)
+    if removed.ndim != 1 or len(np.unique(removed)) != len(removed) or len(removed) != variant.n_remove \
+            or (len(removed) and (removed.min() < 0 or removed.max() >= n_train)):
+        raise ArtifactError(f"{path_hint}: {variant.subset} seed {seed}: expected {variant.n_remove} unique "
+                            f"indices in [0, {n_train})")
+    return np.setdiff1d(np.arange(n_train), removed)
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage
+# the stage: train every (variant, seed) unit
 # ---------------------------------------------------------------------------------------------
-def run_training(cfg: dict, ds: Dataset, kind: str, device: torch.device,
-                 kept: np.ndarray | None = None) -> dict:
-    """Train every model of the run (``kind`` original or retrained); write the checkpoints
-    (``cnn_s<seed>.pt`` / ``retrained_s<seed>.pt``) and the training summary."""
-    ckpt_kind = CHECKPOINT_KIND[kind]
-    x, y = ds.x_train, ds.y_train
-    if kept is not None:
-        x, y = x[torch.from_numpy(kept)], y[torch.from_numpy(kept)]
-    train_hash = config_hash(cfg, TRAINING_KEYS)
-    kept_hash = None if kept is None else config_hash({"kept": kept.tolist()})
-    models, per_model = [], []
-    for seed in tqdm(model_seeds(cfg), desc=f"train {kind}", disable=None):
-        start = time.perf_counter()
-        model, history = train_model(cfg, x, y, ds.x_val, ds.y_val, seed, device, desc=f"seed {seed}")
-        test_acc = accuracy(model, ds.x_test, ds.y_test, cfg["eval_batch_size"], device)
-        seconds = time.perf_counter() - start
-        meta = {"arch": cfg["arch"], "n_classes": cfg["n_classes"], "seed": seed, "kind": kind,
-                "config_hash": config_hash(cfg), "training_config_hash": train_hash,
-                "dataset_fingerprint": ds.fingerprint, "n_train": len(x), "kept_indices_hash": kept_hash,
-                "test_accuracy": test_acc, "val_accuracy": history[-1]["val_accuracy"],
-                "versions": versions()}
-        save_checkpoint(checkpoint_path(cfg, seed, ckpt_kind), model, meta)
-        print(f"[main] {kind} seed {seed}: test accuracy {test_acc:.4f} ({seconds:.1f} s)")
-        models.append((seed, model))
-        per_model.append({"seed": seed, "test_accuracy": test_acc, "val_accuracy": history[-1]["val_accuracy"],
-                          "seconds": seconds, "history": history})
-    summary = {"kind": kind, "n_train": len(x), "dataset_fingerprint": ds.fingerprint,
-               "training_config_hash": train_hash, "kept_indices_hash": kept_hash,
-               "test_accuracy": mean_ci([m["test_accuracy"] for m in per_model]), "models": per_model}
-    atomic_write_json(results_dir(cfg) / TRAIN_SUMMARY[kind], summary)
-    return {"models": models, "summary": summary}
+def train_unit(cfg: dict, ds: Dataset, variant: Variant, seed: int, kept: np.ndarray, device) -> tuple[nn.Module, dict]:
+    """One (variant, seed) model: train on ``kept``, write its checkpoint, return (model, record)."""
+    sel = torch.from_numpy(kept)
+    start = time.perf_counter()
+    model, history = train_model(cfg, ds.x_train[sel], ds.y_train[sel], ds.x_val, ds.y_val, seed, device,
+                                 desc=f"{variant.name} s{seed}", regime=variant.regime)
+    test_acc = accuracy(model, ds.x_test, ds.y_test, cfg["eval_batch_size"], device)
+    seconds = time.perf_counter() - start
+    kept_hash = config_hash({"kept": kept.tolist()})
+    meta = {"arch": cfg["arch"], "n_classes": cfg["n_classes"], "seed": seed, "variant": variant.name,
+            "rule": variant.rule, "n_remove": variant.n_remove, "regime": variant.regime,
+            "config_hash": config_hash(cfg), "training_config_hash": config_hash(cfg, TRAINING_KEYS),
+            "dataset_fingerprint": ds.fingerprint, "n_train": len(kept), "kept_indices_hash": kept_hash,
+            "test_accuracy": test_acc, "val_accuracy": history[-1]["val_accuracy"], "versions": versions()}
+    save_checkpoint(checkpoint_path(cfg, seed, variant.name), model, meta)
+    print(f"[main] {variant.name} seed {seed}: test accuracy {test_acc:.4f} ({seconds:.1f} s)")
+    return model, {"seed": seed, "n_train": len(kept), "kept_indices_hash": kept_hash, "test_accuracy": test_acc,
+                   "n_test": len(ds.x_test), "n_test_correct": int(round(test_acc * len(ds.x_test))),
+                   "val_accuracy": history[-1]["val_accuracy"], "seconds": seconds, "history": history}
 
 
-def write_comparison(cfg: dict) -> dict:
-    """Original vs retrained: accuracy, mean radius and ρ_adv, each mean ± 95% CI over models, and a
-    paired test over the same seeds (retrained − original). Reads only the artifacts."""
-    rdir = results_dir(cfg)
-    sides = {}
-    for kind in ("original", "retrained"):
-        train = load_json(rdir / TRAIN_SUMMARY[kind], ("models",), made_by="main.py")
-        rob = load_json(rdir / f"robustness_{kind}.json", ("models",), made_by="main.py")
-        acc = {m["seed"]: m["test_accuracy"] for m in train["models"]}
-        rob_by_seed = {m["seed"]: m for m in rob["models"]}
-        sides[kind] = {"seeds": sorted(acc), "n_train": train["n_train"],
-                       "accuracy": [acc[s] for s in sorted(acc)],
-                       "mean_radius": [rob_by_seed[s]["mean_radius_l2"] for s in sorted(acc)],
-                       "rho_adv": [rob_by_seed[s]["rho_adv"] for s in sorted(acc)]}
-    if sides["original"]["seeds"] != sides["retrained"]["seeds"]:
-        raise ArtifactError(f"{rdir}: original seeds {sides['original']['seeds']} and retrained seeds "
-                            f"{sides['retrained']['seeds']} differ; cannot pair them")
-    metrics = {}
-    for metric in ("accuracy", "mean_radius", "rho_adv"):
-        a, b = sides["original"][metric], sides["retrained"][metric]
-        metrics[metric] = {"original": mean_ci(a), "retrained": mean_ci(b),
-                           "paired": paired_difference(a, b), "per_seed": {"original": a, "retrained": b}}
-    out = {"seeds": sides["original"]["seeds"], "n_train": {k: v["n_train"] for k, v in sides.items()},
-           "metrics": metrics}
-    atomic_write_json(rdir / "compare.json", out)
-    atomic_write_text(rdir / "compare.md", comparison_markdown(out))
-    _comparison_plot(out, rdir / "compare.png")
+def train_variants(ctx: stage.Context, targets: list[Variant]) -> dict:
+    """Train every (variant, seed) of ``targets``; write each variant's ``train.json``."""
+    cfg, ds = ctx.cfg, ctx.dataset
+    needs_subsets = any(v.rule != "baseline" for v in targets)
+    subsets = load_subsets(cfg, ds) if needs_subsets else None
+    hint = str(results_dir(cfg) / "subsets.json")
+    # check every unit's subset before the first (long) training starts
+    kept = {(v, s): kept_indices(v, s, subsets, len(ds.x_train), hint) for v in targets for s in model_seeds(cfg)}
+    out = {}
+    units = [(v, s) for v in targets for s in model_seeds(cfg)]
+    for v, s in tqdm(units, desc="train (variant, seed)", disable=None):
+        model, record = train_unit(cfg, ds, v, s, kept[(v, s)], ctx.device)
+        out.setdefault(v, {"models": [], "records": []})
+        out[v]["models"].append((s, model))
+        out[v]["records"].append(record)
     return out
 
 
-def comparison_markdown(cmp: dict) -> str:
-    names = {"accuracy": "test accuracy", "mean_radius": "mean DeepFool radius ‖r̂‖₂", "rho_adv": "ρ_adv"}
-    lines = [f"Original (n_train={cmp['n_train']['original']}) vs retrained without corner cases "
-             f"(n_train={cmp['n_train']['retrained']}), {len(cmp['seeds'])} seeds; mean [95% CI] over models; "
-             "difference = retrained − original, paired by seed.", "",
-             "| measure | original | retrained | difference | paired t p | Wilcoxon p |",
-             "|---|---|---|---|---|---|"]
-    for key, m in cmp["metrics"].items():
-        o, r, d = m["original"], m["retrained"], m["paired"]["difference"]
-        lines.append(f"| {names[key]} | {o['mean']:.4f} [{o['ci_low']:.4f}, {o['ci_high']:.4f}] | "
-                     f"{r['mean']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | "
-                     f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | "
-                     f"{m['paired']['t_pvalue']:.3g} | {m['paired']['wilcoxon_pvalue']:.3g} |")
-    return "\n".join(lines) + "\n"
+def write_training(ctx: stage.Context, trained: dict) -> str:
+    cfg, ds = ctx.cfg, ctx.dataset
+    parts = []
+    for v, entry in trained.items():
+        recs = entry["records"]
+        summary = {"variant": v.name, "rule": v.rule, "n_remove": v.n_remove, "regime": v.regime,
+                   "n_train": sorted({r["n_train"] for r in recs}), "dataset_fingerprint": ds.fingerprint,
+                   "training_config_hash": config_hash(cfg, TRAINING_KEYS),
+                   "test_accuracy": mean_ci([r["test_accuracy"] for r in recs]), "models": recs}
+        atomic_write_json(variant_dir(cfg, v.name) / "train.json", summary)
+        acc = summary["test_accuracy"]
+        parts.append(f"{v.name} accuracy {acc['mean']:.4f} [{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]")
+    ctx.info["variants"] = [v.name for v in trained]
+    return f"{cfg['n_models']} seeds × {len(trained)} variant(s): " + "; ".join(parts)
 
 
-def _comparison_plot(cmp: dict, path) -> None:
-    import matplotlib
+def measure_variants(ctx: stage.Context, trained: dict) -> dict:
+    """DeepFool radius of the just-trained models (robustness.py's measurement, same stage name)."""
+    from robustness import measure_robustness
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    for ax, (key, title) in zip(axes, (("accuracy", "test accuracy"), ("mean_radius", "mean ‖r̂‖₂"),
-                                       ("rho_adv", "ρ_adv"))):
-        per = cmp["metrics"][key]["per_seed"]
-        for o, r in zip(per["original"], per["retrained"]):
-            ax.plot([0, 1], [o, r], color="0.7", marker="o", zorder=1)
-        for i, side in enumerate(("original", "retrained")):
-            m = cmp["metrics"][key][side]
-            ax.errorbar([i], [m["mean"]], yerr=[[m["mean"] - m["ci_low"]], [m["ci_high"] - m["mean"]]],
-                        fmt="s", color="C3", capsize=5, zorder=2)
-        ax.set_xticks([0, 1], ["original", "retrained"])
-        ax.set_xlim(-0.4, 1.4)
-        ax.set_title(title)
-    fig.suptitle("Original vs retrained without corner cases (lines pair the same seed; red: mean, 95% CI)")
-    fig.tight_layout()
-    atomic_savefig(fig, path)
+    out = {}
+    for v, entry in trained.items():
+        out[v] = []
+        for seed, model in entry["models"]:
+            records, summary = measure_robustness(model, ctx.dataset.x_test, ctx.dataset.y_test, ctx.cfg, ctx.device)
+            out[v].append((seed, records, summary))
+    return out
 
 
-@stage_main()
+def targets_from_args(args: argparse.Namespace, cfg: dict) -> list[Variant]:
+    if args.is_retrain and args.variant:
+        raise VariantError("-is_retrain True and --variant are exclusive (-is_retrain trains corner_cases_n<remove_count>)")
+    if args.is_retrain:  # the corner-case variant cc_remove.py chose at remove_count / remove_fraction
+        path = results_dir(cfg) / "subsets.json"
+        return [parse_variant_name(load_json(path, ("is_retrain_variant",), made_by="python cc_remove.py")
+                                   ["is_retrain_variant"])]
+    if args.variant == "all":
+        return [v for v in plan(cfg) if v != BASELINE]
+    if args.variant:
+        return [parse_variant_name(args.variant)]
+    return [BASELINE]
+
+
+@stage_main(VariantError, TrainingDiverged)
 def main(argv=None) -> int:
+    from robustness import write_measurements
+
     args = parse_args(argv)
     cfg = resolve_config(args)
-    device = resolve_device(cfg)
-    start = time.perf_counter()
-    ds = load_dataset(cfg)
-    kind = "retrained" if args.is_retrain else "original"
-    kept = load_kept_indices(cfg, ds) if args.is_retrain else None
-    trained = run_training(cfg, ds, kind, device, kept)
-    train_seconds = time.perf_counter() - start
-    update_manifest(cfg, f"train_{kind}", train_seconds, ds.fingerprint,
-                    {"test_accuracy": trained["summary"]["test_accuracy"]})
-
-    from robustness import measure_robustness, write_robustness
-
-    start = time.perf_counter()
-    per_model = []
-    for seed, model in trained["models"]:
-        records, summary = measure_robustness(model, ds.x_test, ds.y_test, cfg, device)
-        per_model.append((seed, records, summary))
-        print(f"[main] {kind} seed {seed}: ρ_adv {summary['rho_adv']:.4f}, mean radius "
-              f"{summary['mean_radius_l2']:.4f}, not converged {summary['nonconverged_fraction']:.3f}")
-    rob = write_robustness(cfg, kind, per_model)
-    update_manifest(cfg, f"robustness_{kind}", time.perf_counter() - start, ds.fingerprint)
-    acc = trained["summary"]["test_accuracy"]
-    print(f"[main] {kind}: {cfg['n_models']} models, test accuracy {acc['mean']:.4f} "
-          f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}], ρ_adv {rob['across_models']['rho_adv']['mean']:.4f} "
-          f"→ {results_dir(cfg)}")
+    targets = targets_from_args(args, cfg)
+    name = "train" if targets == [BASELINE] else "train_variants"
+    label = name if targets == [BASELINE] or args.variant == "all" else f"{name}:{targets[0].name}"
+    trained = stage.run(name, cfg, lambda ctx: train_variants(ctx, targets), write_training, args, label)
+    if not args.no_measure:
+        rlabel = "robustness:" + ",".join(v.name for v in targets) if len(targets) == 1 else "robustness"
+        stage.run("robustness", cfg, lambda ctx: measure_variants(ctx, trained), write_measurements, args, rlabel)
     if args.is_retrain:
-        cmp = write_comparison(cfg)
-        d = cmp["metrics"]["mean_radius"]["paired"]["difference"]
-        print(f"[main] compare: mean radius retrained − original {d['mean']:+.4f} "
-              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] → {results_dir(cfg) / 'compare.md'}")
+        from compare import write_seed_comparison
+
+        stage.run("compare", cfg, lambda ctx: targets[0], write_seed_comparison, args, "compare:is_retrain")
     return 0
 
 

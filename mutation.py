@@ -61,11 +61,9 @@ not a chain of named layers fall back to ``functional_call``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -77,8 +75,9 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
-from artifacts import ArtifactError, atomic_savez, atomic_write_json, load_json, set_seed
-from config import config_hash, load_stage_config, resolve_device, stage_parser
+import stage
+from artifacts import ArtifactError, atomic_savez, atomic_write_json, load_json
+from config import config_hash
 
 OPERATORS = ("GF", "WS", "NAI", "NS", "GF_filter", "NAI_filter")
 FILTER_OPERATORS = ("GF_filter", "NAI_filter")
@@ -565,9 +564,6 @@ def run_mutation(cfg: dict, ds, models: list, device) -> dict:
                     arrays["pred"][i] = pred
                     arrays.setdefault(f"lcr_{tag}", np.empty((m, len(pred))))[i] = label_change_rate(pred, mpred)
                     arrays.setdefault(f"n_accepted_{tag}", np.zeros(m, dtype=np.int64))[i] = len(record["seeds"])
-    for split, arrays in out.items():
-        atomic_savez(artifacts.results_dir(cfg) / f"lcr_{split}.npz", **arrays,
-                     dataset_fingerprint=np.array(ds.fingerprint), config_hash=np.array(config_hash(cfg)))
     report = "test" if "test" in out else next(iter(out))
     arrays = out[report]
     correct = arrays["pred"] == arrays["labels"][None, :]
@@ -576,36 +572,31 @@ def run_mutation(cfg: dict, ds, models: list, device) -> dict:
         entry["acceptance_rate"] = float(np.mean(entry["acceptance_rate"]))
         entry[f"mean_lcr_correct_{report}"] = float(lcr[correct].mean()) if correct.any() else math.nan
         entry[f"mean_lcr_wrong_{report}"] = float(lcr[~correct].mean()) if (~correct).any() else math.nan
-    return summary
+    return {"arrays": out, "summary": summary, "n_models": m}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = stage_parser(__doc__.split("\n\n")[0])
-    return p.parse_args(argv)
+def compute(ctx: stage.Context) -> dict:
+    models = artifacts.load_models(ctx.cfg, ctx.dataset.fingerprint, device=ctx.device)
+    return run_mutation(ctx.cfg, ctx.dataset, models, ctx.device)
 
 
-@artifacts.stage_main(MutationError)
-def main(argv=None) -> int:
-    from mnistload import load_dataset
-
-    args = parse_args(argv)
-    cfg = load_stage_config(args)
-    set_seed(cfg["seed"])
-    device = resolve_device(cfg)
-    start = time.perf_counter()
-    ds = load_dataset(cfg)
-    models = artifacts.load_models(cfg, ds.fingerprint, device=device)
-    summary = run_mutation(cfg, ds, models, device)
-    seconds = time.perf_counter() - start
-    artifacts.update_manifest(cfg, "mutation", seconds, ds.fingerprint, {"lcr": summary})
+def write(ctx: stage.Context, res: dict) -> str:
+    cfg = ctx.cfg
+    for split, arrays in res["arrays"].items():
+        atomic_savez(ctx.results / f"lcr_{split}.npz", **arrays,
+                     dataset_fingerprint=np.array(ctx.fingerprint), config_hash=np.array(config_hash(cfg)))
+    summary = res["summary"]
+    ctx.info["lcr"] = summary
+    split = "test" if "test" in cfg["lcr_splits"] else cfg["lcr_splits"][0]
     for tag, entry in summary.items():
-        split = "test" if "test" in cfg["lcr_splits"] else cfg["lcr_splits"][0]
         print(f"[mutation] {tag}: acceptance rate {entry['acceptance_rate']:.3f}"
-              f"{' (reused)' if entry['reused'] == len(models) else ''}, mean LCR on {split}: "
+              f"{' (reused)' if entry['reused'] == res['n_models'] else ''}, mean LCR on {split}: "
               f"correct {entry[f'mean_lcr_correct_{split}']:.4f}, wrong {entry[f'mean_lcr_wrong_{split}']:.4f}")
-    print(f"[mutation] {len(models)} models, {len(summary)} operator/rate pairs in {seconds:.1f} s "
-          f"→ {artifacts.results_dir(cfg)}/lcr_{{{','.join(cfg['lcr_splits'])}}}.npz")
-    return 0
+    return (f"{res['n_models']} models, {len(summary)} operator/rate pairs "
+            f"→ {ctx.results}/lcr_{{{','.join(cfg['lcr_splits'])}}}.npz")
+
+
+main = stage.script("mutation", compute, write, __doc__.split("\n\n")[0], (MutationError,))
 
 
 if __name__ == "__main__":

@@ -2,29 +2,23 @@
 
     python report.py [--config configs/default.yaml] [--set key=value ...]
 
-Sections: configuration and environment; accuracy; DeepFool robustness radius original vs
-retrained; DSA corner-case AUROC; the removed corner cases; misprediction detectors; adversarial
-accuracy and transferability. A section whose artifacts are missing stops the report with a
-message naming the missing file (run the stage that writes it).
+Sections: configuration and environment; the training variants compared paired by seed (accuracy,
+DeepFool radius, ρ_adv, PGD accuracy and margins; differences vs baseline and corner_cases − random
+with CIs, raw and Holm-adjusted p-values; dose–response); DSA corner-case AUROC; misprediction
+detectors; adversarial accuracy and transferability. A section whose artifacts are missing stops the
+report with a message naming the missing file (run the stage that writes it).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
-from artifacts import atomic_write_text, load_json, results_dir, stage_main, update_manifest
-from config import load_stage_config, stage_parser
+import stage
+from artifacts import atomic_write_text, load_json
 
 # Published figures quoted for comparison (not computed here): Wu et al. arXiv 1910.00387, CIFAR-10.
 WU_ET_AL_CIFAR10_AUROC = {"conductance": 0.927, "lcr": 0.887, "lcr+conductance": 0.933}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = stage_parser("Write results/<run>/REPORT.md from the run's artifacts.")
-    return p.parse_args(argv)
 
 
 def ci(m: dict, digits: int = 4, signed: bool = False) -> str:
@@ -45,54 +39,61 @@ def section_environment(rdir: Path) -> list[str]:
     man = load_json(rdir / "manifest.json", ("config", "git_commit", "versions", "stages"))
     cfg, ver = man["config"], man["versions"]
     lines = ["## Configuration and environment", "",
-             f"Run `{man['run']}` on dataset `{cfg['dataset']}` (fingerprint `{man.get('dataset_fingerprint', 'n/a')}`), "
-             f"architecture `{cfg['arch']}`, {cfg['n_models']} models with seeds {man['seeds']}; "
-             f"commit `{man['git_commit']}`, config hash `{man['config_hash']}`.", "",
+             f"Run `{man['run']}` on dataset `{cfg.get('dataset')}` (fingerprint `{man.get('dataset_fingerprint', 'n/a')}`), "
+             f"architecture `{cfg.get('arch')}`, {cfg.get('n_models')} models per variant with seeds {man.get('seeds')}; "
+             f"commit `{man['git_commit']}`.", "",
              f"Environment: Python {ver.get('python')}, torch {ver.get('torch')}, numpy {ver.get('numpy')}, "
              f"scikit-learn {ver.get('scikit-learn')}, captum {ver.get('captum')} on {ver.get('platform')}.", "",
-             "| stage | command | wall time (s) |", "|---|---|---|"]
+             "Each stage ran with the config keys it reads; their hash is below (full values in `manifest.json`).", "",
+             "| stage | command | config hash | wall time (s) |", "|---|---|---|---|"]
     for name, st in man["stages"].items():
-        lines.append(f"| {name} | `{st['command']}` | {st['seconds']:.1f} |")
-    keys = ("n_train", "n_val", "n_test", "num_epochs", "batch_size", "learning_rate", "deepfool_overshoot",
-            "deepfool_max_iter", "dsa_variants", "cc_variant", "cc_layer", "remove_count", "mutation_operators",
-            "mutation_rates", "n_mutants", "conductance_layer", "conductance_n_steps")
+        lines.append(f"| {name} | `{st['command']}` | `{st.get('config_hash', 'n/a')}` | {st['seconds']:.1f} |")
+    keys = ("n_train", "n_val", "n_test", "num_epochs", "batch_size", "learning_rate", "variants", "remove_counts",
+            "remove_count", "deepfool_overshoot", "deepfool_max_iter", "dsa_variants", "cc_variant", "cc_layer",
+            "mutation_operators", "mutation_rates", "n_mutants", "conductance_layer", "conductance_n_steps",
+            "adv_n_test", "adv_margin_steps")
     lines += ["", "Key settings: " + ", ".join(f"`{k}={cfg[k]}`" for k in keys if k in cfg) + "."]
     return lines
 
 
-def section_accuracy(rdir: Path) -> list[str]:
-    orig = load_json(rdir / "train.json", ("models", "test_accuracy"), made_by="main.py")
-    retr = load_json(rdir / "train_retrained.json", ("models", "test_accuracy"), made_by="main.py -is_retrain True")
-    by_seed = {m["seed"]: m for m in retr["models"]}
-    lines = ["## Accuracy", "",
-             f"Test accuracy of each model trained on all {orig['n_train']} training inputs (original) and on the "
-             f"{retr['n_train']} kept after removing corner cases (retrained, same seed).", "",
-             "| seed | original | retrained |", "|---|---|---|"]
-    for m in orig["models"]:
-        r = by_seed.get(m["seed"], {})
-        lines.append(f"| {m['seed']} | {num(m['test_accuracy'])} | {num(r.get('test_accuracy'))} |")
-    lines.append(f"| mean [95% CI] | {ci(orig['test_accuracy'])} | {ci(retr['test_accuracy'])} |")
+def section_variants(rdir: Path) -> list[str]:
+    from compare import MEASURES, fmt_ci, fmt_p, variants_markdown
+
+    cmp = load_json(rdir / "variants.json", ("variants", "comparisons", "dose_response"), made_by="compare.py")
+    lines = ["## Training variants, paired by seed", "",
+             "Does removing the most surprising training inputs (corner cases, by DSA) change robustness more than "
+             "removing the same number of random inputs? Each variant trains the same seeds as the baseline; every "
+             "comparison pairs models of the same seed. Larger radius, ρ_adv, PGD accuracy and margin = more robust.", "",
+             variants_markdown(cmp).rstrip(), ""]
+    answer = [r for r in cmp["comparisons"] if r["comparison"] == "corner_cases_vs_random"]
+    if answer:
+        lines += ["**The contrast that answers the question** (corner_cases − random at the same N, paired by seed):", ""]
+        for r in answer:
+            d = r["difference"]
+            verdict = ("interval excludes 0" if d["n"] > 1 and (d["ci_low"] > 0 or d["ci_high"] < 0)
+                       else "interval contains 0")
+            lines.append(f"- {r['description']}, {MEASURES[r['measure']][0]}: {fmt_ci(d, 4, True)} ({verdict}; "
+                         f"t p = {fmt_p(r['t_pvalue'])}, Holm {fmt_p(r['t_pvalue_holm'])})")
+        lines.append("")
+    if any(len(c["n_remove"]) > 2 for c in cmp["dose_response"].values()):
+        lines += ["Dose–response (N = 0 is the baseline):", "", "![dose-response](dose_response.png)", ""]
+    else:
+        lines += ["![variants](dose_response.png)", ""]
     return lines
 
 
 def section_robustness(rdir: Path) -> list[str]:
-    from main import comparison_markdown
-
-    cmp = load_json(rdir / "compare.json", ("metrics", "seeds", "n_train"), made_by="main.py -is_retrain True")
-    rob = {k: load_json(rdir / f"robustness_{k}.json", ("across_models",), made_by="main.py")
-           for k in ("original", "retrained")}
-    lines = ["## DeepFool robustness radius: original vs retrained", "",
+    rob = load_json(rdir / "robustness.json", ("variants",), made_by="robustness.py")
+    lines = ["## DeepFool robustness radius per variant", "",
              "The robustness radius of an input is the norm of the minimal perturbation DeepFool finds to change the "
              "model's prediction (Moosavi-Dezfooli et al., arXiv 1511.04599); ρ_adv is its mean relative to ‖x‖₂ "
-             "(the DeepFool paper reports 0.20 for LeNet on MNIST), and the corner-case paper (Ouyang et al.) compares "
-             "the mean radius before and after removing corner cases. Larger means more robust.", "",
-             comparison_markdown(cmp).rstrip(), "",
-             "| model set | non-converged fraction | median radius |", "|---|---|---|"]
-    for kind, data in rob.items():
+             "(the DeepFool paper reports 0.20 for LeNet on MNIST). Mean [95% CI] over seeds.", "",
+             "| variant | mean radius | median radius | ρ_adv | non-converged fraction |", "|---|---|---|---|---|"]
+    for name, data in rob["variants"].items():
         s = data["across_models"]
-        lines.append(f"| {kind} | {ci(s.get('nonconverged_fraction', {}))} | {ci(s.get('median_radius_l2', {}))} |")
-    lines += ["", "![robustness comparison](compare.png)", "",
-              "![radius histogram, original](robustness_original.png)"]
+        lines.append(f"| {name} | {ci(s.get('mean_radius_l2', {}))} | {ci(s.get('median_radius_l2', {}))} | "
+                     f"{ci(s.get('rho_adv', {}))} | {ci(s.get('nonconverged_fraction', {}))} |")
+    lines += ["", "![radius histogram, baseline](variants/baseline/robustness.png)"]
     return lines
 
 
@@ -142,9 +143,10 @@ def section_adversarial(rdir: Path) -> list[str]:
     adv = load_json(rdir / "adversarial.json", made_by="adversarial.py")
     lines = ["## Adversarial evaluation", "",
              "Accuracy under FGSM (Goodfellow et al., arXiv 1412.6572) and PGD (Madry et al., arXiv 1706.06083) as ε "
-             "grows; the robustness margin is the smallest ε in the grid at which accuracy falls below "
-             f"{adv.get('target_accuracy', 'the target')}; transferability evaluates inputs crafted on one model on the "
-             "other model of the same seed.", ""]
+             "grows, mean [95% CI over seeds; t on the empirical logit, inside [0, 1]]; the robustness margin is the "
+             f"smallest ε at which accuracy falls below {adv.get('target_accuracy', 'the target')}, bracketed by the "
+             f"grid and refined per model by {adv.get('margin_steps', 0)} bisection steps; transferability evaluates "
+             "inputs crafted on one variant's model on every variant's model of the same seed.", ""]
     lines += adversarial_tables(adv)
     lines += ["", "![accuracy vs eps](adversarial.png)"]
     return lines
@@ -155,7 +157,7 @@ def adversarial_tables(adv: dict) -> list[str]:
     margin, and the transfer matrix — all from adversarial.json (written by adversarial.py)."""
     titles = {"fgsm": "FGSM (L∞)", "pgd_linf": f"PGD-L∞ ({adv['pgd']['steps']} steps)",
               "pgd_l2": f"PGD-L2 ({adv['pgd']['steps']} steps)"}
-    kinds = adv["kinds"]
+    kinds = adv["variants"]
     lines = [f"Attacked: {adv['n_test']} test inputs per model.", ""]
     for attack, info in adv["attacks"].items():
         lines += [f"**{titles.get(attack, attack)}**: accuracy (success rate among clean-correct inputs)", "",
@@ -163,16 +165,16 @@ def adversarial_tables(adv: dict) -> list[str]:
         for j, eps in enumerate(info["eps"]):
             cells = []
             for kind in kinds:
-                block = adv["per_kind"][kind][attack]
+                block = adv["per_variant"][kind][attack]
                 cells.append(f"{ci(block['accuracy'][j], 3)} ({block['success_rate'][j]['mean']:.3f})")
             lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
         margins = []
         for kind in kinds:
-            block = adv["per_kind"][kind][attack]
+            block = adv["per_variant"][kind][attack]
             missing = block.get("n_models_without_margin", 0)
             margins.append(f"{kind} {ci(block['robustness_margin'], 3)}"
                            + (f" ({missing} models never below target)" if missing else ""))
-        lines += ["", f"Robustness margin (smallest ε with accuracy < {adv['target_accuracy']}): "
+        lines += ["", f"Robustness margin (smallest ε with accuracy < {adv['target_accuracy']}, bisection-refined): "
                   + "; ".join(margins) + ".", ""]
     tr = adv.get("transfer") or {}
     if tr.get("matrix_mean_accuracy"):
@@ -182,12 +184,11 @@ def adversarial_tables(adv: dict) -> list[str]:
                   "", "| source ↓ / target → | " + " | ".join(tk) + " |", "|---|" + "---|" * len(tk)]
         for src in tk:
             lines.append(f"| {src} | " + " | ".join(ci(tr["mean"][src][dst], 3) for dst in tk) + " |")
-    elif tr.get("note") or adv.get("note"):
-        lines.append(f"Transferability: {tr.get('note') or adv.get('note')}")
+
     return lines
 
 
-SECTIONS = (section_environment, section_accuracy, section_robustness, section_dsa, section_detectors,
+SECTIONS = (section_environment, section_variants, section_robustness, section_dsa, section_detectors,
             section_adversarial)
 
 
@@ -199,16 +200,16 @@ def build_report(rdir: Path) -> str:
     return "\n".join(parts)
 
 
-@stage_main()
-def main(argv=None) -> int:
-    cfg = load_stage_config(parse_args(argv))
-    start = time.perf_counter()
-    rdir = results_dir(cfg)
-    text = build_report(rdir)
-    atomic_write_text(rdir / "REPORT.md", text)
-    update_manifest(cfg, "report", time.perf_counter() - start)
-    print(f"[report] {rdir / 'REPORT.md'} ({len(text.splitlines())} lines)")
-    return 0
+def compute(ctx: stage.Context) -> str:
+    return build_report(ctx.results)
+
+
+def write(ctx: stage.Context, text: str) -> str:
+    atomic_write_text(ctx.results / "REPORT.md", text)
+    return f"{ctx.results / 'REPORT.md'} ({len(text.splitlines())} lines)"
+
+
+main = stage.script("report", compute, write, "Write results/<run>/REPORT.md from the run's artifacts.")
 
 
 if __name__ == "__main__":

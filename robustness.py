@@ -1,5 +1,8 @@
-"""Robustness radius of trained models: the DeepFool measurement that main.py runs on the original
-and on the retrained models (DESIGN.md, "Robustness radius").
+"""Robustness radius of trained models: the DeepFool measurement of every training variant
+(DESIGN.md, "Robustness radius"). ``main.py`` runs it right after training; the Makefile runs it as
+its own stage, so that changing a DeepFool key does not retrain:
+
+    python robustness.py [--config configs/X.yaml] [--variant NAME|all]
 
 For each test input x: r̂(x) = DeepFool's minimal perturbation for the model's own prediction,
 radius_l2 = ‖r̂‖₂ (what the corner-case paper averages) and ρ = ‖r̂‖₂/‖x‖₂ (the DeepFool paper's
@@ -20,7 +23,6 @@ from deepfool import deepfool
 from metrics import mean_ci
 
 COLUMNS = ("index", "label", "pred", "radius_l2", "rho", "iterations", "adv_label", "converged")
-TAGS = ("original", "retrained")
 # Summary fields averaged across models (mean ± 95% t-interval over seeds).
 ACROSS_MODEL_FIELDS = ("mean_radius_l2", "median_radius_l2", "rho_adv", "mean_radius_l2_correct",
                        "median_radius_l2_correct", "rho_adv_correct", "nonconverged_fraction",
@@ -115,13 +117,11 @@ def _check_records(seed: int, records: dict) -> int:
 
 
 def write_robustness(cfg: dict, tag: str, per_model: list[tuple[int, dict, dict]]) -> dict:
-    """Write ``results/<run>/robustness_<tag>.{csv,json,png}`` for ``[(seed, records, summary)]``
-    and return the JSON content."""
-    if tag not in TAGS:
-        raise ValueError(f"tag: expected one of {list(TAGS)}, got {tag!r}")
+    """Write ``results/<run>/variants/<tag>/robustness.{csv,json,png}`` (``tag``: the variant's name)
+    for ``[(seed, records, summary)]`` and return the JSON content."""
     if not per_model:
         raise ValueError("per_model: expected at least one (seed, records, summary)")
-    folder = artifacts.results_dir(cfg)
+    folder = artifacts.variant_dir(cfg, tag)
     lengths = [_check_records(seed, rec) for seed, rec, _ in per_model]
 
     rows = []
@@ -131,19 +131,19 @@ def write_robustness(cfg: dict, tag: str, per_model: list[tuple[int, dict, dict]
                 int(rec["converged"][i]) if c == "converged" else
                 float(rec[c][i]) if c in ("radius_l2", "rho") else int(rec[c][i])
                 for c in COLUMNS])
-    artifacts.atomic_write_csv(folder / f"robustness_{tag}.csv", ["seed", *COLUMNS], rows)
+    artifacts.atomic_write_csv(folder / "robustness.csv", ["seed", *COLUMNS], rows)
 
     result = {
         "run": cfg["name"],
-        "tag": tag,
+        "variant": tag,
         "deepfool": {k: cfg[k] for k in ("deepfool_num_classes", "deepfool_overshoot",
                                          "deepfool_max_iter", "deepfool_clip", "deepfool_n_test")},
         "models": [{"seed": int(seed), **summary} for seed, _, summary in per_model],
         "across_models": {f: mean_ci([s[f] for _, _, s in per_model]) for f in ACROSS_MODEL_FIELDS
                           if all(f in s for _, _, s in per_model)},
     }
-    artifacts.atomic_write_json(folder / f"robustness_{tag}.json", result)
-    _plot_histogram(folder / f"robustness_{tag}.png", tag, cfg["name"], per_model)
+    artifacts.atomic_write_json(folder / "robustness.json", result)
+    _plot_histogram(folder / "robustness.png", tag, cfg["name"], per_model)
     return result
 
 
@@ -162,7 +162,65 @@ def _plot_histogram(path, tag: str, run: str, per_model) -> None:
                 label=f"seed {seed} (mean {summary.get('mean_radius_l2', float('nan')):.3f})")
     ax.set_xlabel("DeepFool robustness radius ‖r̂‖₂")
     ax.set_ylabel("test inputs")
-    ax.set_title(f"DeepFool radius, {tag} models ({run})")
+    ax.set_title(f"DeepFool radius, {tag} ({run})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     artifacts.atomic_savefig(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def write_measurements(ctx, measured: dict) -> str:
+    """Write each variant's files and merge its summary into ``results/<run>/robustness.json``
+    (the index the comparison stage reads)."""
+    index_path = ctx.results / "robustness.json"
+    index = artifacts.load_json(index_path) if index_path.is_file() else {}
+    variants = index.get("variants", {})
+    parts = []
+    for v, per_model in measured.items():
+        res = write_robustness(ctx.cfg, v.name, per_model)
+        variants[v.name] = {"across_models": res["across_models"], "deepfool": res["deepfool"],
+                            "seeds": [m["seed"] for m in res["models"]],
+                            "rho_adv": [m["rho_adv"] for m in res["models"]],
+                            "mean_radius_l2": [m["mean_radius_l2"] for m in res["models"]]}
+        a = res["across_models"]
+        parts.append(f"{v.name} ρ_adv {a['rho_adv']['mean']:.4f}, mean radius {a['mean_radius_l2']['mean']:.4f}, "
+                     f"not converged {a['nonconverged_fraction']['mean']:.3f}")
+    artifacts.atomic_write_json(index_path, {"run": ctx.cfg["name"], "dataset_fingerprint": ctx.fingerprint,
+                                             "variants": dict(sorted(variants.items()))})
+    ctx.info["variants"] = [v.name for v in measured]
+    return "; ".join(parts)
+
+
+def measure_trained(ctx, names: list[str] | None = None) -> dict:
+    """Load every planned variant's models (or ``names``) and measure them."""
+    from variants import parse_variant_name
+
+    targets = [parse_variant_name(n) for n in (names or artifacts.trained_variants(ctx.cfg)[0])]
+    out = {}
+    for v in tqdm(targets, desc="robustness per variant", disable=None):
+        models = artifacts.load_models(ctx.cfg, ctx.dataset.fingerprint, v.name, ctx.device)
+        out[v] = [(seed, *measure_robustness(model, ctx.dataset.x_test, ctx.dataset.y_test, ctx.cfg, ctx.device))
+                  for seed, model, _ in models]
+    return out
+
+
+@artifacts.stage_main()
+def main(argv=None) -> int:
+    import stage
+    from config import load_config, stage_parser
+
+    p = stage_parser("DeepFool robustness radius of every trained variant.")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME",
+                   help="measure only this variant (repeatable); default: every variant of the config")
+    args = p.parse_args(argv)
+    stage.run("robustness", load_config(args.config, args.set), lambda ctx: measure_trained(ctx, args.variant),
+              write_measurements, args)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

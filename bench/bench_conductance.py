@@ -1,6 +1,6 @@
 """Benchmark: layer conductance of 1,000 MNIST test inputs at n_steps = 50 (target ≤ 60 s on 2 cores).
 
-    python bench/bench_conductance.py [--config configs/default.yaml] [--checkpoint model/default/cnn_s0.pt]
+    python bench/bench_conductance.py [--config configs/default.yaml] [--checkpoint model/default/baseline_s0.pt]
                                       [--n-inputs 1000] [--n-steps 50] [--ibs 500 1000 2000] [--no-peers]
 
 Times, in the same run and on the same inputs and model (targets = predicted classes):
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     layer = args.layer or cfg["conductance_layer"]
     ds = load_dataset(cfg)
-    ckpt = Path(args.checkpoint) if args.checkpoint else artifacts.checkpoint_path(cfg, cfg["seed"], "cnn")
+    ckpt = Path(args.checkpoint) if args.checkpoint else artifacts.checkpoint_path(cfg, cfg["seed"], "baseline")
     if ckpt.is_file():
         model, _ = artifacts.load_checkpoint(ckpt)
         source = str(ckpt)

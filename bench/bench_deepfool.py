@@ -3,7 +3,7 @@
 Same trained model, same test images, measured in the same process (``--repeats R``: R rounds in
 which every method runs once, the table shows each method's median):
 
-    python bench/bench_deepfool.py [--checkpoint model/default/cnn_s0.pt] [--config configs/default.yaml] [--n 500] [--repeats 3]
+    python bench/bench_deepfool.py [--checkpoint model/default/baseline_s0.pt] [--config configs/default.yaml] [--n 500] [--repeats 3]
 
 Run it in the bench venv, where the peers are installed (bench/requirements.txt); a peer that is
 not importable is reported as skipped. Prints a markdown table: seconds, ms/image, ρ_adv

@@ -12,7 +12,7 @@ extrapolated per query; and dnn-tip's ``DSA`` (PyPI ``dnn-tip``) run with the in
 ``--peer-python`` (default /work/main/.venv-bench), reported as skipped when it cannot be imported.
 dnn-tip has no self-exclusion, so it is compared on query sets disjoint from the reference set.
 
-    python bench/bench_dsa.py [--checkpoint model/default/cnn_s0.pt] [--config configs/default.yaml]
+    python bench/bench_dsa.py [--checkpoint model/default/baseline_s0.pt] [--config configs/default.yaml]
                               [--synthetic-n 60000 --dim 128]
 """
 from __future__ import annotations
@@ -272,7 +272,7 @@ def bench_synthetic(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="model/default/cnn_s0.pt")
+    p.add_argument("--checkpoint", default="model/default/baseline_s0.pt")
     p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     p.add_argument("--synthetic-n", type=int, default=60000)
     p.add_argument("--dim", type=int, default=128)

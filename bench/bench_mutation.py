@@ -1,6 +1,6 @@
 """Benchmark: LCR of many mutants, batched delta evaluation vs one deep copy of the model per mutant.
 
-    python bench/bench_mutation.py [--checkpoint model/default/cnn_s0.pt] [--config configs/default.yaml]
+    python bench/bench_mutation.py [--checkpoint model/default/baseline_s0.pt] [--config configs/default.yaml]
                                    [--op NAI --rate 0.01 --n-mutants 100 --n-inputs 1000]
                                    [--baseline-mutants 100]
 
