@@ -203,7 +203,7 @@ def test_cli_missing_models_exits_nonzero_naming_file(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert str(tmp_path / "out" / "model" / "adv_missing_models" / "cnn_s0.pt") in lines[0]
+    assert str(tmp_path / "out" / "model" / "adv_missing_models" / "baseline_s0.pt") in lines[0]
     assert not (tmp_path / "out" / "results" / "adv_missing_models" / "adversarial.json").exists()
 
 
@@ -220,18 +220,20 @@ def test_cli_end_to_end_on_tiny_models(tmp_path, isolated_outputs):
     out_root = isolated_outputs  # conftest: PIPELINE_OUTPUT_ROOT for this test
     cfg = load_config(cfg_path)
     ds = load_dataset(cfg)
-    for kind, base in (("cnn", 0), ("retrained", 100)):
+    for kind, base in (("baseline", 0), ("corner_cases_n100", 100)):
         for seed in artifacts.model_seeds(cfg):
             torch.manual_seed(base + seed)
-            meta = {"arch": cfg["arch"], "n_classes": 10, "seed": seed, "kind": kind,
+            meta = {"arch": cfg["arch"], "n_classes": 10, "seed": seed, "variant": kind,
                     "dataset_fingerprint": ds.fingerprint,
                     "training_config_hash": config_hash(cfg, TRAINING_KEYS)}
             artifacts.save_checkpoint(artifacts.checkpoint_path(cfg, seed, kind), MnistConvNet(10), meta)
     assert adversarial.main(["--config", str(cfg_path)]) == 0
     res = out_root / "results" / "adv_tiny"
     report = json.loads((res / "adversarial.json").read_text())
-    assert report["kinds"] == ["original", "retrained"] and report["n_test"] == 12
-    for kind in report["kinds"]:
+    # the default variants: corner_cases_n100 is trained here, random_n100 is not (reported, skipped)
+    assert report["variants"] == ["baseline", "corner_cases_n100"] and report["n_test"] == 12
+    assert report["not_trained"] == ["random_n100"]
+    for kind in report["variants"]:
         assert len(report["per_model"][kind]) == 2
         for r in report["per_model"][kind]:
             for a in adversarial.ATTACKS:
@@ -239,15 +241,57 @@ def test_cli_end_to_end_on_tiny_models(tmp_path, isolated_outputs):
                 assert entry["accuracy"][0] == pytest.approx(r["clean_accuracy"])
                 assert len(entry["accuracy"]) == len(entry["eps"])
     rows = (res / "adversarial.csv").read_text().strip().splitlines()
-    assert rows[0] == "kind,seed,attack,norm,eps,accuracy,success_rate"
+    assert rows[0] == "variant,seed,attack,norm,eps,accuracy,success_rate"
     assert len(rows) - 1 == 2 * 2 * (3 + 3 + 2)  # kinds × seeds × grid points
     transfer = json.loads((res / "transfer.json").read_text())
-    assert transfer["eps_linf"] == 0.1 and transfer["kinds"] == ["original", "retrained"]
+    assert transfer["eps_linf"] == 0.1 and transfer["kinds"] == ["baseline", "corner_cases_n100"]
     # diagonal = white-box PGD-L∞ accuracy at that eps, as recorded per model
-    for kind in ("original", "retrained"):
+    for kind in ("baseline", "corner_cases_n100"):
         for r in report["per_model"][kind]:
             white_box = r["attacks"]["pgd_linf"]["accuracy"][1]
             assert transfer["per_seed"][str(r["seed"])][kind][kind] == pytest.approx(white_box)
     assert (res / "adversarial.png").stat().st_size > 0
     manifest = json.loads((res / "manifest.json").read_text())
     assert "adversarial" in manifest["stages"]
+
+
+def test_bisection_margin_brackets_the_exact_linear_margin():
+    """On a two-class linear model the L∞-minimal flip of input x is |w·x + b| / ‖w‖₁ (FGSM and PGD-L∞
+    reach it: the optimal L∞ step is −ε·sign(w)), so accuracy(ε) is known exactly. The refined margin
+    must bracket the true crossing within (grid step)/2^steps, while the grid alone is coarse."""
+    from config import load_config
+
+    torch.manual_seed(0)
+    d = 16
+    w = torch.randn(d)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.zeros(d), w]))
+        model[1].bias.copy_(torch.tensor([0.0, 0.05]))
+    x = 0.3 + 0.4 * torch.rand(300, 1, 4, 4)  # far enough from 0 and 1 that clipping never binds
+    f = x.flatten(1) @ w + 0.05
+    y = (f > 0).long()
+    y[:10] = 1 - y[:10]  # ten wrong labels: never robust
+    exact = (f.abs() / w.abs().sum()).numpy()
+    correct = (y == (f > 0).long()).numpy()
+    target = 0.5
+    cand = np.sort(exact[correct])
+    crossing = next(m for m in cand if ((exact > m) & correct).mean() < target)  # brute force ε*
+    steps = 7
+    cfg = load_config(None, ["adv_eps_linf=[0.0, 0.1, 0.2]", "adv_eps_l2=[0.0]", f"adv_margin_steps={steps}",
+                             f"adv_target_accuracy={target}", "pgd_steps=40", "pgd_step_size=0.01",
+                             "eval_batch_size=128"])
+    result, _ = adversarial.evaluate_model(model, x, y, cfg, "cpu", seed=0)
+    assert 0.0 < crossing < 0.2
+    for attack in ("fgsm", "pgd_linf"):
+        entry = result["attacks"][attack]
+        lo, hi = entry["margin_bracket"]
+        assert hi - lo == pytest.approx(0.1 / 2 ** steps)
+        assert lo < crossing <= hi + 1e-6, (attack, lo, crossing, hi)
+        assert entry["robustness_margin"] == hi
+        assert entry["robustness_margin_grid"] in (0.1, 0.2)
+        # every accuracy evaluated during the search is the exact one at that ε
+        for eps, acc in entry["margin_evaluations"]:
+            assert acc == pytest.approx(((exact > eps) & correct).mean(), abs=1 / 300 + 1e-9)
+        # only the undecided inputs were attacked: fewer than one full pass per bisection step
+        assert entry["margin_inputs_attacked"] < steps * len(x) / 2

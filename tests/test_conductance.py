@@ -165,7 +165,7 @@ def test_cli_missing_model_names_file(tmp_path, capsys):
     assert conductance.main(["--config", str(cfg)]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "test_conductance_missing_models_xyz/cnn_s0.pt" in err
+    assert "test_conductance_missing_models_xyz/baseline_s0.pt" in err
 
 
 def test_cli_writes_checked_npz(tmp_path, isolated_outputs):
@@ -182,9 +182,9 @@ def test_cli_writes_checked_npz(tmp_path, isolated_outputs):
     ds = load_dataset(cfg)
     for seed in artifacts.model_seeds(cfg):
         torch.manual_seed(seed)
-        meta = {"arch": cfg["arch"], "n_classes": 10, "seed": seed, "kind": "cnn",
+        meta = {"arch": cfg["arch"], "n_classes": 10, "seed": seed, "variant": "baseline",
                 "dataset_fingerprint": ds.fingerprint, "training_config_hash": config_hash(cfg, TRAINING_KEYS)}
-        artifacts.save_checkpoint(artifacts.checkpoint_path(cfg, seed, "cnn"), MnistConvNet(10), meta)
+        artifacts.save_checkpoint(artifacts.checkpoint_path(cfg, seed, "baseline"), MnistConvNet(10), meta)
     assert conductance.main(["--config", str(cfg_path)]) == 0
     res = artifacts.results_dir(cfg)
     for split, n in (("val", 10), ("test", 20)):
@@ -202,7 +202,7 @@ def test_cli_writes_checked_npz(tmp_path, isolated_outputs):
         # predictions are the models' own, recomputed here with plain forward calls
         x = getattr(ds, f"x_{split}")
         for i, seed in enumerate(data["seeds"]):
-            model, _ = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, int(seed), "cnn"))
+            model, _ = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, int(seed), "baseline"))
             with torch.no_grad():
                 assert np.array_equal(model(x).argmax(1).numpy(), data["pred"][i])
     import json

@@ -136,5 +136,5 @@ def test_stratified_take_rounding():
 
 
 def test_unknown_dataset_is_a_config_error():
-    with pytest.raises(ConfigError, match="'dataset' must be mnist5k, mnist or cifar10"):
+    with pytest.raises(ConfigError, match="'dataset' must be mnist5k, mnist, cifar10, npz or image_folder"):
         load_config(None, ["dataset=imagenet"])

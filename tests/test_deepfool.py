@@ -380,7 +380,7 @@ def test_bad_inputs_raise_clear_errors():
 # robustness stage on a tiny model
 # ------------------------------------------------------------------------------------------------
 def test_measure_and_write_robustness(tmp_path, monkeypatch):
-    monkeypatch.setattr(artifacts, "results_dir", lambda cfg: tmp_path / "results" / cfg["name"])
+    monkeypatch.setenv("PIPELINE_OUTPUT_ROOT", str(tmp_path))
     cfg = load_config(None, ["name=tiny", "deepfool_num_classes=4", "deepfool_n_test=10",
                              "deepfool_batch_size=4", "device=cpu"])
     x = random_images(14, seed=9)
@@ -405,21 +405,21 @@ def test_measure_and_write_robustness(tmp_path, monkeypatch):
         np.testing.assert_allclose(summary["median_radius_l2"], np.median(radius), rtol=1e-6)
         per_model.append((seed, records, summary))
 
-    out = robustness.write_robustness(cfg, "original", per_model)
-    folder = tmp_path / "results" / "tiny"
-    with open(folder / "robustness_original.csv", newline="") as fh:
+    out = robustness.write_robustness(cfg, "baseline", per_model)
+    folder = tmp_path / "results" / "tiny" / "variants" / "baseline"
+    with open(folder / "robustness.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["seed", "index", "label", "pred", "radius_l2", "rho", "iterations",
                        "adv_label", "converged"]
     assert len(rows) == 1 + 3 * 10
     assert sorted({r[0] for r in rows[1:]}) == ["0", "1", "2"]
-    data = json.loads((folder / "robustness_original.json").read_text())
+    data = json.loads((folder / "robustness.json").read_text())
     assert data == json.loads(json.dumps(out))
     assert len(data["models"]) == 3
     agg = data["across_models"]["rho_adv"]
     values = [s["rho_adv"] for _, _, s in per_model]
     assert agg["ci_low"] <= agg["mean"] <= agg["ci_high"]
     np.testing.assert_allclose(agg["mean"], np.mean(values), rtol=1e-9)
-    assert (folder / "robustness_original.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match="tag"):
-        robustness.write_robustness(cfg, "other", per_model)
+    assert (folder / "robustness.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="per_model"):
+        robustness.write_robustness(cfg, "baseline", [])

@@ -37,4 +37,4 @@ def test_retrain_without_kept_indices_is_a_clear_error(capsys):
     code = main_script.main(["--config", "configs/smoke.yaml", "-is_retrain", "True"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "kept_indices.json: required artifact is missing (written by python cc_remove.py)" in err
+    assert "subsets.json: required artifact is missing (written by python cc_remove.py)" in err
