@@ -168,13 +168,13 @@ def write(ctx: stage.Context, res: dict) -> str:
 
 def summarise_auroc(table: list[dict]) -> list[dict]:
     """Mean AUROC over models per (variant, layer), with the range of the per-model intervals."""
-    from metrics import mean_ci
+    from metrics import unit_interval_ci
 
     out = []
     for variant, layer in sorted({(r["variant"], r["layer"]) for r in table}):
         rows = [r for r in table if r["variant"] == variant and r["layer"] == layer]
-        out.append({"variant": variant, "layer": layer, "auroc": mean_ci([r["auroc"] for r in rows]),
-                    "aupr": mean_ci([r["aupr"] for r in rows]), "n_models": len(rows),
+        out.append({"variant": variant, "layer": layer, "auroc": unit_interval_ci([r["auroc"] for r in rows]),
+                    "aupr": unit_interval_ci([r["aupr"] for r in rows]), "n_models": len(rows),
                     "n_wrong_mean": float(np.mean([r["n_positive"] for r in rows]))})
     return out
 

@@ -196,9 +196,10 @@ def variants_markdown(cmp: dict) -> str:
     for name, d in cmp["variants"].items():
         lines.append(f"| {name} | {'/'.join(map(str, d['n_train']))} | "
                      + " | ".join(fmt_ci(d["summary"].get(m), 3 if "accuracy" in m else 4) for m in cols) + " |")
+    n = len(cmp["seeds"])
     lines += ["", "Paired by seed: difference = b − a, mean [95% t CI]; p-values raw and Holm-adjusted over all "
-              f"{len(cmp['comparisons'])} tests below (Wilcoxon signed-rank is exact; with 5 seeds its smallest "
-              "two-sided p is 0.0625).", "",
+              f"{len(cmp['comparisons'])} tests below (Wilcoxon signed-rank is exact; with {n} seeds its smallest "
+              f"two-sided p is {2 / 2 ** n:.3g}).", "",
               "| comparison | measure | difference | t p | t p (Holm) | Wilcoxon p | Wilcoxon p (Holm) |",
               "|---|---|---|---|---|---|---|"]
     for r in cmp["comparisons"]:

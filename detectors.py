@@ -28,7 +28,7 @@ import stage
 from artifacts import (ArtifactError, atomic_savefig, atomic_write_json, atomic_write_text, load_models,
                        load_npz, results_dir)
 from cnnmodel import predict_logits
-from metrics import auroc_ci, mean_ci
+from metrics import auroc_ci, mean_ci, unit_interval_ci
 
 DETECTORS = ("max_softmax", "dsa", "lcr", "conductance_logreg", "conductance_mlp", "lcr+conductance")
 
@@ -147,8 +147,8 @@ def compute(ctx: stage.Context) -> dict:
     summary = []
     for name in DETECTORS:
         sel = [r for r in rows if r["detector"] == name]
-        summary.append({"detector": name, "auroc": mean_ci([r["auroc"] for r in sel]),
-                        "aupr": mean_ci([r["aupr"] for r in sel]), "n_models": len(sel)})
+        summary.append({"detector": name, "auroc": unit_interval_ci([r["auroc"] for r in sel]),
+                        "aupr": unit_interval_ci([r["aupr"] for r in sel]), "n_models": len(sel)})
     lcr_rows = [r for r in rows if r["detector"] == "_lcr_means"]
     out = {"dataset_fingerprint": ds.fingerprint, "seeds": [e["seed"] for e in per_model],
            "lcr_source": _lcr_key(cfg), "dsa_source": f"{cfg['cc_variant']}/{cfg['cc_layer']}",

@@ -68,6 +68,22 @@ def proportion_ci(successes, totals, level: float = 0.95) -> dict:
             "method": method}
 
 
+def unit_interval_ci(values, level: float = 0.95, eps: float = 1e-6) -> dict:
+    """Mean over models of a score bounded in [0, 1] (AUROC, AUPR) with an interval inside [0, 1]:
+    the Student-t interval on the logit scale (values clamped to [eps, 1 − eps]), mapped back, and
+    widened to reach the arithmetic mean. Same keys as ``mean_ci`` plus ``method``."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    out = mean_ci(v, level)
+    out["method"] = "t on logit, back-transformed"
+    if len(v) >= 2:
+        z = special.logit(np.clip(v, eps, 1 - eps))
+        half = float(stats.t.ppf(0.5 + level / 2, df=len(v) - 1)) * float(z.std(ddof=1)) / math.sqrt(len(v))
+        low, high = (float(special.expit(z.mean() + h)) for h in (-half, half))
+        out["ci_low"], out["ci_high"] = min(low, out["mean"]), max(high, out["mean"])
+    return out
+
+
 def _resample_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
     """How often each of the ``n`` points is drawn in each of ``rows`` bootstrap resamples
     (multinomial counts, shape rows × n). Drawn as indices, row by row from the same stream as

@@ -269,3 +269,16 @@ def test_proportion_ci_degenerate_and_one_seed():
     assert proportion_ci([], [])["n"] == 0 and math.isnan(proportion_ci([], [])["mean"])
     with pytest.raises(ValueError, match="successes"):
         proportion_ci([5], [4])
+
+
+def test_unit_interval_ci_stays_inside_and_matches_t_in_the_middle():
+    from metrics import mean_ci, unit_interval_ci
+
+    near_one = [0.99, 0.95, 0.999, 0.9, 0.97]
+    r = unit_interval_ci(near_one)
+    assert mean_ci(near_one)["ci_high"] > 1.0  # the plain t interval leaves [0, 1] here
+    assert 0.0 <= r["ci_low"] <= r["mean"] <= r["ci_high"] <= 1.0
+    assert r["mean"] == np.mean(near_one)
+    middle = [0.49, 0.5, 0.51, 0.5, 0.52]
+    m, t = unit_interval_ci(middle), mean_ci(middle)
+    assert abs(m["ci_low"] - t["ci_low"]) < 2e-3 and abs(m["ci_high"] - t["ci_high"]) < 2e-3
