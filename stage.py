@@ -32,11 +32,11 @@ REGIME_KEYS: tuple[str, ...] = ()  # the training regimes' settings (regimes.py)
 DEEPFOOL_KEYS = ("deepfool_num_classes", "deepfool_overshoot", "deepfool_max_iter", "deepfool_clip",
                  "deepfool_n_test", "deepfool_batch_size")
 DSA_KEYS = ("dsa_variants", "dsa_layers", "dsa_k", "dsa_group_by", "dsa_chunk_size", "dsa_top",
-            "cc_variant", "cc_layer", "bootstrap")
+            "cc_variant", "cc_layer", "bootstrap", "layer_aliases")
 MUTATION_KEYS = ("mutation_operators", "mutation_rates", "n_mutants", "max_draws", "mutation_threshold",
                  "lcr_splits")
 CONDUCTANCE_KEYS = ("conductance_layer", "conductance_n_steps", "conductance_baseline",
-                    "conductance_internal_batch_size", "conductance_splits")
+                    "conductance_internal_batch_size", "conductance_splits", "layer_aliases")
 DETECTOR_KEYS = ("detector_lcr_operator", "detector_lcr_rate", "detector_mlp_hidden", "cc_variant",
                  "cc_layer", "bootstrap")
 ADV_KEYS = ("adv_eps_linf", "adv_eps_l2", "pgd_steps", "pgd_step_size", "pgd_l2_step_factor",
