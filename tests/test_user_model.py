@@ -121,14 +121,15 @@ def test_alias_inference_on_a_user_model():
     assert layer_aliases(model) == {"penultimate": ("fc2", True), "logits": ("fc2", False),
                                     "last_conv": ("conv2", False)}
     x = torch.rand(5, 1, 8, 8)
-    acts = layer_activations(model, x, ["penultimate", "logits", "last_conv", "fc1"], batch_size=2)
+    acts = layer_activations(model, x, ["penultimate", "logits", "last_conv", "fc1", "relu3"], batch_size=2)
     with torch.no_grad():
         ref = digits_forward_by_hand(model, x)
         out = model(x)
     for name in ("penultimate", "logits", "last_conv"):
         torch.testing.assert_close(acts[name], ref[name])
     torch.testing.assert_close(acts["__logits__"], out)
-    torch.testing.assert_close(acts["penultimate"], torch.relu(acts["fc1"]))  # the input of fc2, after the ReLU
+    torch.testing.assert_close(acts["penultimate"], acts["relu3"])  # the input of fc2 = the output of relu3
+    torch.testing.assert_close(acts["penultimate"], torch.relu(acts["fc1"]))
     pooled = layer_activations(model, x, ["last_conv"], spatial_mean=True)["last_conv"]
     torch.testing.assert_close(pooled, ref["last_conv"].mean(dim=(2, 3)))
     # config layer_aliases override: penultimate = the output of fc1 (before the ReLU)
@@ -140,7 +141,8 @@ def test_alias_inference_on_a_user_model():
 def test_wrong_layer_name_lists_available_names():
     model = build_model(DIGITS, 10)
     with pytest.raises(LayerError, match=r"unknown layer 'fc9': expected an alias \['last_conv', 'logits', "
-                                         r"'penultimate'\] or a module name \['conv1', 'conv2', 'pool', 'fc1', 'fc2'\]"):
+                                         r"'penultimate'\] or a module name \['conv1', 'relu1', 'conv2', 'relu2', "
+                                         r"'pool', 'fc1', 'relu3', 'fc2'\]"):
         layer_activations(model, torch.rand(2, 1, 8, 8), ["fc9"])
     with pytest.raises(LayerError, match=r"layer alias 'penultimate' points to 'fc7', which is not a module of "
                                          r"DigitsCNN; module names: \['conv1'"):
