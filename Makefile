@@ -2,6 +2,7 @@
 #   make test                 install (once) and run the test suite
 #   make reproduce            the whole workflow on the default config → results/default/REPORT.md
 #   make reproduce CONFIG=configs/mnist_full.yaml
+#   make reproduce EXECUTOR=ray  the (stage, variant, seed) units as Ray tasks (README "Running on a cluster")
 #   make smoke                the whole workflow on the tiny smoke config
 # Stages are keyed on their outputs and on the config keys they read: an unchanged stage is not rerun.
 
@@ -10,8 +11,11 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 CONFIG     ?= configs/default.yaml
+EXECUTOR   ?=
+EXEC       := $(if $(EXECUTOR),--set executor=$(EXECUTOR))
 RUN        := $(or $(shell sed -n 's/^name:[[:space:]]*\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG) 2>/dev/null),default)
 RES        := results/$(RUN)
+EXPLAIN    := $(shell sed -n 's/^run_explanation:[[:space:]]*\(true\).*/\1/p' $(CONFIG) 2>/dev/null)
 LOGS       := $(RES)/logs
 
 .PHONY: all install test smoke reproduce bench clean-run help
@@ -19,7 +23,7 @@ LOGS       := $(RES)/logs
 
 all: help
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n '2,7p' Makefile
 
 # --- environment: created once; reinstalled only when a requirements file changes --------------
 $(STAMP): requirements.txt requirements-test.txt
@@ -56,7 +60,7 @@ STAMPS     := $(RES)/.stamps
 DONE       := $(RES)/.done
 TRAINED    := $(RES)/variants/baseline/train.json
 VARIANTS   := $(DONE)/train_variants
-CODE       := config.py artifacts.py mnistload.py cnnmodel.py metrics.py stage.py variants.py $(STAMP)
+CODE       := config.py artifacts.py mnistload.py cnnmodel.py metrics.py stage.py variants.py executor.py $(STAMP)
 
 .PHONY: FORCE
 FORCE:
@@ -64,17 +68,17 @@ $(STAMPS)/%.json: FORCE | $(STAMP)
 	@$(PY) stage.py stamp $* --config $(CONFIG)
 
 $(TRAINED): main.py $(CODE) $(STAMPS)/train.json
-	$(call stage,train,$(PY) main.py --config $(CONFIG) --no-measure)
+	$(call stage,train,$(PY) main.py --config $(CONFIG) $(EXEC) --no-measure)
 
 $(RES)/subsets.json: cc_remove.py dif_dsa.py $(CODE) $(TRAINED) $(STAMPS)/cc_remove.json
 	$(call stage,cc_remove,$(PY) cc_remove.py --config $(CONFIG))
 
 $(VARIANTS): main.py $(wildcard regimes.py) $(CODE) $(RES)/subsets.json $(STAMPS)/train_variants.json
-	$(call stage,train_variants,$(PY) main.py --config $(CONFIG) --variant all --no-measure)
+	$(call stage,train_variants,$(PY) main.py --config $(CONFIG) $(EXEC) --variant all --no-measure)
 	@mkdir -p $(DONE) && touch $@
 
 $(RES)/robustness.json: robustness.py deepfool.py $(CODE) $(TRAINED) $(VARIANTS) $(STAMPS)/robustness.json
-	$(call stage,robustness,$(PY) robustness.py --config $(CONFIG))
+	$(call stage,robustness,$(PY) robustness.py --config $(CONFIG) $(EXEC))
 
 $(RES)/lcr_test.npz: mutation.py $(CODE) $(TRAINED) $(STAMPS)/mutation.json
 	$(call stage,mutation,$(PY) mutation.py --config $(CONFIG))
@@ -86,12 +90,15 @@ $(RES)/detectors.json: detectors.py $(CODE) $(RES)/lcr_test.npz $(RES)/conductan
 	$(call stage,detectors,$(PY) detectors.py --config $(CONFIG))
 
 $(RES)/adversarial.json: adversarial.py $(CODE) $(TRAINED) $(VARIANTS) $(STAMPS)/adversarial.json
-	$(call stage,adversarial,$(PY) adversarial.py --config $(CONFIG))
+	$(call stage,adversarial,$(PY) adversarial.py --config $(CONFIG) $(EXEC))
+
+$(RES)/explanation.json: explanation.py $(CODE) $(RES)/robustness.json $(RES)/adversarial.json $(STAMPS)/explanation.json
+	$(call stage,explanation,$(PY) explanation.py --config $(CONFIG))
 
 $(RES)/variants.json: compare.py $(CODE) $(RES)/robustness.json $(RES)/adversarial.json $(STAMPS)/compare.json
 	$(call stage,compare,$(PY) compare.py --config $(CONFIG))
 
-$(RES)/REPORT.md: report.py $(CODE) $(RES)/variants.json $(RES)/detectors.json $(RES)/adversarial.json $(STAMPS)/report.json
+$(RES)/REPORT.md: report.py $(CODE) $(RES)/variants.json $(RES)/detectors.json $(RES)/adversarial.json $(if $(EXPLAIN),$(RES)/explanation.json) $(STAMPS)/report.json
 	$(call stage,report,$(PY) report.py --config $(CONFIG))
 
 reproduce: $(RES)/REPORT.md

@@ -424,6 +424,11 @@ def _check_config(cfg: dict) -> None:
 
 
 def compute(ctx: stage.Context) -> dict:
+    """One unit per (variant, seed) (executor.py) attacks its model and writes a part: its results and
+    its PGD-L∞ inputs at the transfer ε; the transfer matrix needs every variant's model and inputs of
+    a seed, so it is computed here, from those parts."""
+    import executor
+
     cfg = ctx.cfg
     _check_config(cfg)
     seeds = artifacts.model_seeds(cfg)
@@ -435,21 +440,20 @@ def compute(ctx: stage.Context) -> dict:
     variants, missing = artifacts.trained_variants(cfg)
     ds, device = ctx.dataset, ctx.device
     n = cfg["adv_n_test"] or len(ds.x_test)
-    x, y = ds.x_test[:n], ds.y_test[:n]
-    models = {v: {s: m for s, m, _ in artifacts.load_models(cfg, ds.fingerprint, v, device)} for v in variants}
+    y = ds.y_test[:n]
     t_eps = transfer_eps(cfg["adv_eps_linf"], cfg["adv_transfer_eps"])
+    units = [executor.Unit("adversarial", v, s, evaluate_unit) for v in variants for s in seeds]
+    executor.run_units(ctx, units, "adversarial (variant, seed)")
     per_model, adv = {}, {}
-    jobs = [(v, s) for v in variants for s in models[v]]
-    for v, seed in tqdm(jobs, desc="adversarial (variant, seed)", disable=None):
-        result, kept = evaluate_model(models[v][seed], x, y, cfg, device, seed, t_eps, desc=f"{v} s{seed}")
-        per_model.setdefault(v, []).append(result)
-        if kept is not None:
-            adv.setdefault(v, {})[seed] = kept
-        print(f"[adversarial] {v} seed {seed}: clean {result['clean_accuracy']:.4f}, " + ", ".join(
-            f"{a} margin {_fmt_margin(result['attacks'][a]['robustness_margin'])}" for a in ATTACKS))
+    for unit in units:
+        meta, arrays = executor.read_part(ctx, unit)
+        per_model.setdefault(unit.variant, []).append(meta["result"])
+        if "x_adv" in arrays:
+            adv.setdefault(unit.variant, {})[unit.seed] = torch.from_numpy(arrays["x_adv"])
     summary = summarise(per_model, cfg)
     transfer = {"eps_linf": t_eps, "attack": "pgd_linf", "n_test": int(n)}
     if t_eps is not None:
+        models = {v: {s: m for s, m, _ in artifacts.load_models(cfg, ds.fingerprint, v, device)} for v in variants}
         transfer.update(transfer_matrix(models, adv, y, cfg["eval_batch_size"], device))
     return {
         "n_test": int(n), "variants": variants, "not_trained": missing,
@@ -460,6 +464,21 @@ def compute(ctx: stage.Context) -> dict:
         "dataset_fingerprint": ds.fingerprint,
         "per_model": per_model, **summary, "transfer": transfer,
     }
+
+
+def evaluate_unit(ctx: stage.Context, unit) -> None:
+    """One unit: every attack at every ε on one (variant, seed) model, with its robustness margins."""
+    import executor
+
+    cfg, ds = ctx.cfg, ctx.dataset
+    n = cfg["adv_n_test"] or len(ds.x_test)
+    t_eps = transfer_eps(cfg["adv_eps_linf"], cfg["adv_transfer_eps"])
+    model = executor.load_unit_model(ctx, unit)
+    result, kept = evaluate_model(model, ds.x_test[:n], ds.y_test[:n], cfg, ctx.device, unit.seed, t_eps,
+                                  desc=f"{unit.variant} s{unit.seed}")
+    print(f"[adversarial] {unit.variant} seed {unit.seed}: clean {result['clean_accuracy']:.4f}, " + ", ".join(
+        f"{a} margin {_fmt_margin(result['attacks'][a]['robustness_margin'])}" for a in ATTACKS))
+    executor.write_part(ctx, unit, {"result": result}, **({} if kept is None else {"x_adv": kept.numpy()}))
 
 
 def _fmt_margin(m) -> str:

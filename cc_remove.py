@@ -44,7 +44,7 @@ def model_dsa(model, ds, cfg: dict, device) -> dict:
     """DSA of train (self-excluded) and test against train for one model, every variant and layer."""
     layers = cfg["dsa_layers"]
     acts = {split: layer_activations(model, ds.split(split)[0], layers, cfg["eval_batch_size"],
-                                     spatial_mean=True, device=device)
+                                     spatial_mean=True, device=device, aliases=cfg["layer_aliases"])
             for split in ("train", "test")}
     pred = {split: acts[split]["__logits__"].argmax(1).numpy() for split in acts}
     labels = {"train": ds.y_train.numpy(), "test": ds.y_test.numpy()}

@@ -44,17 +44,17 @@ from config import config_hash
 # ---------------------------------------------------------------------------------------------
 # the computation
 # ---------------------------------------------------------------------------------------------
-def _layer_module(model: nn.Module, layer: str | nn.Module) -> nn.Module:
-    """The module addressed by ``layer``: a module, an alias/child name of a NamedCNN
-    (``model.layer``), or a dotted name from ``model.named_modules()``."""
+def _layer_module(model: nn.Module, layer: str | nn.Module,
+                  aliases: dict[str, str] | None = None) -> tuple[nn.Module, bool]:
+    """(module, on_input) addressed by ``layer``: a module (its output), or an alias / module name
+    resolved by ``cnnmodel.find_layer`` (``aliases`` = config ``layer_aliases``; an inferred
+    ``penultimate`` of a user model is the input of its last Linear: ``on_input``)."""
     if isinstance(layer, nn.Module):
-        return layer
-    if hasattr(model, "layer"):
-        return model.layer(layer)
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise ValueError(f"layer: unknown layer {layer!r}; expected one of {sorted(k for k in modules if k)}")
-    return modules[layer]
+        return layer, False
+    from cnnmodel import find_layer
+
+    ref = find_layer(model, layer, aliases)
+    return ref.module, ref.on_input
 
 
 @torch.no_grad()
@@ -86,8 +86,8 @@ def layer_conductance(model: nn.Module, x: torch.Tensor, layer: str | nn.Module 
                       target: torch.Tensor | int | None = None, baseline: float = 0.0,
                       n_steps: int = 50, internal_batch_size: int = 500,
                       batch_size: int | None = None, device: torch.device | str | None = None,
-                      method: str = "gausslegendre", progress: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      method: str = "gausslegendre", progress: bool = False,
+                      aliases: dict[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Conductance of every neuron of ``layer`` toward ``target`` for inputs ``x`` (N×C×H×W).
 
     ``target`` defaults to the model's predicted class. ``baseline`` is a constant pixel value.
@@ -111,7 +111,7 @@ def layer_conductance(model: nn.Module, x: torch.Tensor, layer: str | nn.Module 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if batch_size is None:
         batch_size = max(1, internal_batch_size // (n_steps + 1))
-    module = _layer_module(model, layer)
+    module, on_input = _layer_module(model, layer, aliases)
     was_training = model.training
     model.eval()
     try:
@@ -133,6 +133,7 @@ def layer_conductance(model: nn.Module, x: torch.Tensor, layer: str | nn.Module 
                 # accept its documented fallback (chunks of two steps) for a caller's batch_size.
                 warnings.simplefilter("ignore", UserWarning)
                 attr, delta = cond.attribute(xb, baselines=float(baseline), target=tb,
+                                             attribute_to_layer_input=on_input,
                                              n_steps=n_steps, method=method,
                                              internal_batch_size=internal_batch_size,
                                              return_convergence_delta=True)
@@ -171,7 +172,8 @@ def conductance_split(models, x: torch.Tensor, cfg: dict, device) -> dict[str, n
         attr, delta = layer_conductance(
             model, x, cfg["conductance_layer"], target=p, baseline=cfg["conductance_baseline"],
             n_steps=cfg["conductance_n_steps"],
-            internal_batch_size=cfg["conductance_internal_batch_size"], device=device, progress=True)
+            internal_batch_size=cfg["conductance_internal_batch_size"], device=device, progress=True,
+            aliases=cfg["layer_aliases"])
         pred.append(p.numpy().astype(np.int64))
         feats.append(channel_features(attr).numpy().astype(np.float32))
         deltas.append(delta.numpy().astype(np.float64))

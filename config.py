@@ -43,6 +43,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "eval_batch_size": (1000, "batch size for evaluation and activations"),
     "device": ("auto", "auto (CUDA when present) | cpu | cuda | cuda:N"),
     "num_threads": (0, "torch CPU threads; 0 = torch's default"),
+    # --- where the (stage, variant, seed) units run (executor.py); changes no result ------------
+    "executor": ("local", "local (in this process, one unit after another) | ray (Ray tasks)"),
+    "ray_address": ("", "Ray cluster to join (e.g. auto or head-ip:6379); empty = start a local instance"),
+    "ray_num_cpus": (1, "CPUs Ray reserves per unit (its torch threads when num_threads is 0)"),
+    "ray_num_gpus": (0.0, "GPUs Ray reserves per unit (fractions share a GPU); 0 = the unit runs on CPU"),
+    "ray_max_retries": (2, "times Ray reruns a unit whose worker died or hit an I/O or GPU-memory error"),
     # --- DeepFool robustness radius (Moosavi-Dezfooli et al., arXiv 1511.04599) ---------------
     "deepfool_num_classes": (10, "candidate labels: top-k classes of the clean logits"),
     "deepfool_overshoot": (0.02, "overshoot: the point moves by (1+overshoot)*sum(r_i)"),
@@ -78,7 +84,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "conductance_layer": ("last_conv", "layer whose conductance toward the predicted class is taken"),
     "conductance_n_steps": (50, "integration steps"),
     "conductance_baseline": (0.0, "constant pixel value of the baseline image"),
-    "conductance_internal_batch_size": (2000, "captum internal batch size (bounds memory)"),
+    "conductance_internal_batch_size": (500, "captum internal batch size (bounds memory)"),
     "conductance_splits": (["val", "test"], "splits whose conductance is computed"),
     # --- detector scoring ----------------------------------------------------------------------
     "detector_lcr_operator": ("NAI", "mutation operator whose LCR the detectors use"),
@@ -97,6 +103,30 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "adv_report_eps": (0.1, "L-inf eps at which variant tables report PGD accuracy (nearest grid value)"),
     "adv_margin_steps": (6, "bisection steps per model refining each PGD robustness margin; 0 = grid only"),
     # --- training regimes and explanation robustness (Chen et al. arXiv 2403.06013) -----------
+    "pgd_at_eps": (0.1, "pgd_at regime: L-inf radius (Madry et al. MNIST 0.3 does not train in a few epochs here)"),
+    "pgd_at_steps": (10, "pgd_at regime: PGD steps per mini-batch (Madry et al. MNIST: 40)"),
+    "pgd_at_step_size": (0.0, "pgd_at regime: L-inf step; 0 = 2.5*eps/steps (Madry et al.'s rule)"),
+    "sep_reg_weight": (2000.0, "sep regime: penalty weight (> 0 flattens explanations; ~CE/penalty at init)"),
+    "sep_sharp_reg_weight": (-100.0, "sep_sharp regime: penalty weight (< 0 sharpens explanations)"),
+    "sep_sigma": (0.1, "sep regimes: std of the Gaussian input noise x + sigma*xi"),
+    "sep_base": ("standard", "sep regimes: base loss standard | pgd_at"),
+    "sep_explanation_method": ("saliency", "sep regimes: map in the penalty, saliency | input_x_gradient"),
+    "run_explanation": (False, "make reproduce also runs explanation.py (explanation robustness)"),
+    "explanation_methods": (["saliency"], "maps attacked and measured: saliency | input_x_gradient | integrated_gradients"),
+    "explanation_n_steps": (16, "integrated gradients: integration steps"),
+    "explanation_n_inputs": (100, "test inputs for sensitivity and the top-k attack"),
+    "explanation_pairs": (["random", "cluster"], "victim/target pair rules of the targeted attack: random | cluster"),
+    "explanation_n_pairs": (20, "victim/target pairs per pair rule"),
+    "explanation_n_clusters": (10, "cluster pairs: KMeans clusters on the reference model's penultimate layer"),
+    "explanation_eps": (0.1, "L-inf radius of the explanation attacks and of the random-sign baseline"),
+    "explanation_steps": (100, "explanation attack steps"),
+    "explanation_step_size": (0.01, "explanation attack L-inf step"),
+    "explanation_gamma": (1e5, "targeted attack: weight of the map term (Dombrowski et al.)"),
+    "explanation_beta": ([10.0, 100.0], "softplus beta of the attacks: [start, end], geometric schedule"),
+    "explanation_topk": (50, "k of the top-k attack and intersection (pixels)"),
+    "explanation_sensitivity_radius": (0.02, "captum sensitivity_max perturbation radius (L-inf)"),
+    "explanation_sensitivity_samples": (10, "captum sensitivity_max perturbation samples"),
+    "explanation_permutations": (10000, "permutations for the across-model correlation p-values"),
 }
 
 # Element type of list keys whose default is empty (so the element type cannot be read off it).
@@ -223,6 +253,12 @@ def _check_ranges(cfg: dict[str, Any], source: str) -> None:
          "mutation_operators", f"a non-empty list of {sorted(ops)}")
     need(cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda"),
          "device", "auto, cpu or cuda[:N]")
+    need(cfg["executor"] in ("local", "ray"), "executor", "local or ray")
+    need(cfg["ray_num_cpus"] >= 1, "ray_num_cpus", ">= 1")
+    need(cfg["ray_num_gpus"] >= 0, "ray_num_gpus", ">= 0")
+    need(cfg["ray_max_retries"] >= 0, "ray_max_retries", ">= 0")
+    need(cfg["executor"] != "ray" or not cfg["device"].startswith("cuda") or cfg["ray_num_gpus"] > 0,
+         "ray_num_gpus", "> 0 when device is cuda and executor is ray (Ray gives a unit a GPU only on request)")
     need(cfg["arch"] in ("mnist_convnet", "cifar_cnn") or bool(_IMPORT_PATH.match(cfg["arch"])), "arch",
          "mnist_convnet, cifar_cnn or an import path package.module:ClassName")
     need(all(isinstance(v, str) and v for v in cfg["layer_aliases"].values()), "layer_aliases",
@@ -231,6 +267,20 @@ def _check_ranges(cfg: dict[str, Any], source: str) -> None:
         need(all(s in ("train", "val", "test") for s in cfg[key]), key, "splits among train, val, test")
     need(all(n >= 1 for n in cfg["remove_counts"]), "remove_counts", "a list of counts >= 1")
     need(cfg["adv_margin_steps"] >= 0, "adv_margin_steps", ">= 0")
+    methods = {"saliency", "input_x_gradient", "integrated_gradients"}
+    need(set(cfg["explanation_methods"]) <= methods and cfg["explanation_methods"] != [], "explanation_methods",
+         f"a non-empty list of {sorted(methods)}")
+    need(set(cfg["explanation_pairs"]) <= {"random", "cluster"}, "explanation_pairs", "a list of random / cluster")
+    need(len(cfg["explanation_beta"]) == 2 and min(cfg["explanation_beta"]) > 0, "explanation_beta",
+         "[start, end], both > 0")
+    need(cfg["sep_base"] in ("standard", "pgd_at"), "sep_base", "standard or pgd_at")
+    need(cfg["sep_explanation_method"] in ("saliency", "input_x_gradient"), "sep_explanation_method",
+         "saliency or input_x_gradient")
+    for key in ("explanation_n_inputs", "explanation_n_pairs", "explanation_n_clusters", "explanation_steps",
+                "explanation_topk", "explanation_sensitivity_samples", "explanation_n_steps", "pgd_at_steps"):
+        need(cfg[key] >= 1, key, ">= 1")
+    for key in ("pgd_at_eps", "explanation_eps", "explanation_step_size", "sep_sigma"):
+        need(cfg[key] > 0, key, "> 0")
     from variants import VariantError, parse_variant_specs  # noqa: PLC0415 - variants imports config
 
     try:

@@ -1,4 +1,16 @@
-"""Explanation maps, their sensitivity, and attacks that manipulate them (library; no CLI yet).
+"""Explanation robustness vs classification robustness (Chen et al., arXiv 2403.06013).
+
+    python explanation.py [--config configs/explanation.yaml] [--set key=value ...]
+
+The stage (bottom of this file) measures, for every trained (variant, seed) model, how easily its
+explanation maps move: max-sensitivity, Dombrowski et al.'s targeted manipulation on fixed
+victim/target pairs (``explanation_pairs.json``, written once, reused by every model), and
+Ghorbani et al.'s top-k attack — each attack next to a random-sign perturbation of the same ε. It
+then correlates explanation robustness with classification robustness (PGD-L∞ accuracy, ρ_adv)
+across models (Spearman, Kendall, permutation p-value, bootstrap CI) and, within each model, per
+input with the DeepFool radius. Writes ``explanation.{json,md,png}``.
+
+The library part: explanation maps, their sensitivity, and attacks that manipulate them.
 
 Definitions (DESIGN.md, "Definitions the stages must agree on"; Chen et al., arXiv 2403.06013):
 
@@ -509,3 +521,325 @@ def cluster_pairs(activations, n_clusters: int, n_pairs: int, seed: int = 0
     if len(victims) < n_pairs:
         raise ValueError(f"cluster_pairs: only {len(victims)} pairs available, {n_pairs} asked")
     return torch.as_tensor(victims, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
+
+
+# =============================================================================================
+# the stage
+# =============================================================================================
+CLASS_MEASURES = {"pgd_accuracy": "PGD-L∞ accuracy", "rho_adv": "ρ_adv"}
+EXPL_MEASURES = {"le_end": "L_e^end (targeted attack)", "topk_attack": "top-k intersection after attack",
+                 "sensitivity": "max-sensitivity"}
+# Larger = more robust for every measure except sensitivity (a larger sensitivity is less robust).
+
+
+def make_pairs(ctx) -> dict:
+    """Victim/target indices into the test split, per pair rule; written once and reused."""
+    import artifacts
+    from cnnmodel import layer_activations
+    from config import config_hash
+
+    cfg, ds = ctx.cfg, ctx.dataset
+    keys = ("explanation_pairs", "explanation_n_pairs", "explanation_n_clusters", "seed")
+    want = {"dataset_fingerprint": ds.fingerprint, "settings_hash": config_hash(cfg, keys)}
+    path = ctx.results / "explanation_pairs.json"
+    if path.is_file():
+        old = artifacts.load_json(path, ("pairs", "dataset_fingerprint", "settings_hash"))
+        if all(old[k] == v for k, v in want.items()):
+            return {r: (torch.tensor(p["victims"]), torch.tensor(p["targets"])) for r, p in old["pairs"].items()}
+    pairs = {}
+    n = len(ds.x_test)
+    if "random" in cfg["explanation_pairs"]:
+        # classes by the true label, so the pairs do not depend on any model
+        v, t = random_pairs(n, cfg["explanation_n_pairs"], ds.y_test, torch.Generator().manual_seed(cfg["seed"]))
+        pairs["random"] = (v, t)
+    if "cluster" in cfg["explanation_pairs"]:
+        # the seed repository's rule: KMeans on the penultimate activations of one fixed reference
+        # model (the baseline of the first seed); victims/targets nearest to different prototypes
+        ref, _ = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, cfg["seed"], "baseline"), ctx.device)
+        acts = layer_activations(ref, ds.x_test, ["penultimate"], cfg["eval_batch_size"], device=ctx.device)
+        pairs["cluster"] = cluster_pairs(acts["penultimate"].flatten(1).numpy(), cfg["explanation_n_clusters"],
+                                         cfg["explanation_n_pairs"], seed=cfg["seed"])
+    artifacts.atomic_write_json(path, {**want, "reference_model": f"baseline seed {cfg['seed']}",
+                                       "pairs": {r: {"victims": [int(i) for i in v], "targets": [int(i) for i in t]}
+                                                 for r, (v, t) in pairs.items()}})
+    return pairs
+
+
+def measure_model(model: nn.Module, x_in: torch.Tensor, x_test: torch.Tensor, pairs: dict, cfg: dict,
+                  seed: int) -> dict:
+    """Every explanation measure of one model: per method, per input (sensitivity, top-k attack and
+    its random-sign baseline) and per pair (targeted attack and its random-sign baseline)."""
+    eps, steps, k = cfg["explanation_eps"], cfg["explanation_steps"], cfg["explanation_topk"]
+    beta, n_steps = tuple(cfg["explanation_beta"]), cfg["explanation_n_steps"]
+    out = {}
+    for method in cfg["explanation_methods"]:
+        gen = torch.Generator().manual_seed(seed)
+        sens = sensitivity(model, x_in, method, cfg["explanation_sensitivity_radius"],
+                           cfg["explanation_sensitivity_samples"], n_steps=n_steps, generator=gen)
+        tk = topk_attack(model, x_in, k, eps, steps, cfg["explanation_step_size"], beta, method, n_steps)
+        rs = perturbation_effect(model, x_in, random_sign_perturbation(x_in, eps, gen), method, k, n_steps=n_steps)
+        per_input = {"sensitivity": sens, "topk_attack": tk.topk, "spearman_attack": tk.spearman,
+                     "topk_random_sign": rs["topk"], "spearman_random_sign": rs["spearman"]}
+        per_pair = {}
+        for rule, (victims, targets) in pairs.items():
+            xv, xt = x_test[victims].to(x_in.device), x_test[targets].to(x_in.device)
+            ta = targeted_attack(model, xv, xt, eps, steps, cfg["explanation_step_size"], cfg["explanation_gamma"],
+                                 beta, method, n_steps)
+            rsv = perturbation_effect(model, xv, random_sign_perturbation(xv, eps, gen), method, k,
+                                      target_maps=ta.h_target, n_steps=n_steps)
+            per_pair[rule] = {"victims": victims.long(), "le_start": ta.le_start, "le_end": ta.le_end,
+                              "le_random_sign": rsv["l_e"], "kept_fraction": ta.kept_fraction}
+        out[method] = {"per_input": {k2: v.detach().cpu().double().numpy() for k2, v in per_input.items()},
+                       "per_pair": {r: {k2: (v.detach().cpu().numpy() if k2 == "victims" else
+                                             v.detach().cpu().double().numpy() if torch.is_tensor(v) else v)
+                                        for k2, v in d.items()} for r, d in per_pair.items()}}
+    return out
+
+
+def _nanmean(v) -> float:
+    v = np.asarray(v, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+
+
+def summarise_model(meas: dict) -> dict:
+    """Per method: model-level means of every measure (L_e over the pairs of every rule)."""
+    out = {}
+    for method, m in meas.items():
+        pi, pp = m["per_input"], m["per_pair"]
+        row = {name: _nanmean(v) for name, v in pi.items()}
+        for key in ("le_start", "le_end", "le_random_sign"):
+            row[key] = _nanmean(np.concatenate([d[key] for d in pp.values()])) if pp else math.nan
+            for rule, d in pp.items():
+                row[f"{key}_{rule}"] = _nanmean(d[key])
+        out[method] = row
+    return out
+
+
+def spearman_ci(a, b, level: float = 0.95) -> dict:
+    """Spearman's ρ with a Fisher-z interval (standard error √(1.06/(n−3)), Fieller et al. 1957)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    n = len(a)
+    if n < 4 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"rho": math.nan, "ci": [math.nan, math.nan], "pvalue": math.nan, "n": n}
+    res = stats.spearmanr(a, b)
+    z, half = math.atanh(min(max(res.statistic, -0.999999), 0.999999)), \
+        stats.norm.ppf(0.5 + level / 2) * math.sqrt(1.06 / (n - 3))
+    return {"rho": float(res.statistic), "ci": [math.tanh(z - half), math.tanh(z + half)],
+            "pvalue": float(res.pvalue), "n": n}
+
+
+def across_models(rows: list[dict], n_perm: int, seed: int, n_boot: int = 2000) -> dict:
+    """Spearman and Kendall between a classification and an explanation measure over models, with a
+    permutation p-value (two-sided, ``n_perm`` shuffles of one vector) and a percentile bootstrap
+    CI over models."""
+    from scipy import stats
+
+    a = np.asarray([r[0] for r in rows], np.float64)
+    b = np.asarray([r[1] for r in rows], np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    n = len(a)
+    out = {"n_models": n, "spearman": math.nan, "kendall": math.nan, "spearman_perm_p": math.nan,
+           "kendall_perm_p": math.nan, "spearman_ci": [math.nan, math.nan], "kendall_ci": [math.nan, math.nan]}
+    if n < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    for name, fn in (("spearman", lambda u, v: stats.spearmanr(u, v).statistic),
+                     ("kendall", lambda u, v: stats.kendalltau(u, v).statistic)):
+        obs = float(fn(a, b))
+        perm = np.array([fn(a, rng.permutation(b)) for _ in range(n_perm)])
+        boot = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, n)
+            if np.ptp(a[idx]) > 0 and np.ptp(b[idx]) > 0:
+                boot.append(fn(a[idx], b[idx]))
+        out[name] = obs
+        out[f"{name}_perm_p"] = float((np.sum(np.abs(perm) >= abs(obs) - 1e-12) + 1) / (n_perm + 1))
+        out[f"{name}_ci"] = [float(q) for q in np.nanpercentile(boot, [2.5, 97.5])] if boot else [math.nan] * 2
+    return out
+
+
+def compute(ctx) -> dict:
+    import artifacts
+    from tqdm import tqdm
+
+    cfg, ds, device = ctx.cfg, ctx.dataset, ctx.device
+    names, missing = artifacts.trained_variants(cfg)
+    rob = artifacts.load_json(ctx.results / "robustness.json", ("variants",), made_by="python robustness.py")
+    adv = artifacts.load_json(ctx.results / "adversarial.json", ("per_model",), made_by="python adversarial.py")
+    grid = adv["attacks"]["pgd_linf"]["eps"]
+    positive = [e for e in grid if e > 0]
+    report_eps = min(positive, key=lambda e: (abs(e - cfg["adv_report_eps"]), e)) if positive else 0.0
+    j = grid.index(report_eps)
+    pairs = make_pairs(ctx)
+    n = min(cfg["explanation_n_inputs"], len(ds.x_test))
+    x_in = ds.x_test[:n].to(device)
+    models, per_input = [], {}
+    jobs = [(v, s) for v in names for s in artifacts.model_seeds(cfg)]
+    for v, seed in tqdm(jobs, desc="explanation (variant, seed)", disable=None):
+        model, meta = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, seed, v), device)
+        meas = measure_model(model, x_in, ds.x_test, pairs, cfg, seed)
+        radius = _radius(ctx, v, seed)
+        pgd = {m["seed"]: m for m in adv["per_model"].get(v, [])}.get(seed)
+        rho = dict(zip(rob["variants"][v]["seeds"], rob["variants"][v]["rho_adv"])).get(seed, math.nan)
+        row = {"variant": v, "seed": seed, "clean_accuracy": meta.get("test_accuracy"),
+               "pgd_accuracy": pgd["attacks"]["pgd_linf"]["accuracy"][j] if pgd else math.nan,
+               "rho_adv": rho, "explanation": summarise_model(meas)}
+        within = {}
+        for method, m in meas.items():
+            w = {name: spearman_ci(radius[:n], vals) for name, vals in m["per_input"].items()}
+            for rule, d in m["per_pair"].items():
+                w[f"le_end_{rule}"] = spearman_ci(radius[np.asarray(d["victims"], dtype=np.int64)], d["le_end"])
+            within[method] = w
+        row["within_model_vs_radius"] = within
+        models.append(row)
+        per_input[(v, seed)] = meas
+        print(f"[explanation] {v} seed {seed}: " + ", ".join(
+            f"{meth} L_e {r['le_start']:.3g}→{r['le_end']:.3g}, top-k {r['topk_attack']:.3f} "
+            f"(random sign {r['topk_random_sign']:.3f}), sensitivity {r['sensitivity']:.3g}"
+            for meth, r in row["explanation"].items()))
+    correlation = []
+    for method in cfg["explanation_methods"]:
+        for cm in CLASS_MEASURES:
+            for em in EXPL_MEASURES:
+                rows = [(r[cm], r["explanation"][method][em]) for r in models]
+                correlation.append({"method": method, "classification": cm, "explanation": em,
+                                    **across_models(rows, cfg["explanation_permutations"], cfg["seed"])})
+    return {"report_eps_linf": report_eps, "n_inputs": n, "variants": names, "not_trained": missing,
+            "pairs": {r: len(v) for r, (v, _) in pairs.items()}, "models": models,
+            "correlation": correlation, "seed_table": seed_table(models, cfg["explanation_methods"][0]),
+            "settings": {k: cfg[k] for k in ("explanation_methods", "explanation_eps", "explanation_steps",
+                                             "explanation_topk", "explanation_gamma", "explanation_beta",
+                                             "explanation_sensitivity_radius")}}
+
+
+def _radius(ctx, variant: str, seed: int) -> np.ndarray:
+    """DeepFool radius per test input of one model (robustness.py's CSV; index = test position)."""
+    import csv
+
+    import artifacts
+
+    path = artifacts.variant_dir(ctx.cfg, variant) / "robustness.csv"
+    artifacts.require_file(path, "python robustness.py")
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["seed"]) == seed]
+    out = np.full(len(ctx.dataset.x_test), np.nan)
+    for r in rows:
+        out[int(r["index"])] = float(r["radius_l2"])
+    return out
+
+
+def seed_table(models: list[dict], method: str) -> dict:
+    """Chen et al.'s table per variant: mean [95% CI] over seeds of L_e^start, L_e^end (×1e7, their
+    unit), clean and adversarial accuracy (%)."""
+    from metrics import mean_ci
+
+    out = {}
+    for v in dict.fromkeys(r["variant"] for r in models):
+        rows = [r for r in models if r["variant"] == v]
+        out[v] = {"le_start_1e7": mean_ci([1e7 * r["explanation"][method]["le_start"] for r in rows]),
+                  "le_end_1e7": mean_ci([1e7 * r["explanation"][method]["le_end"] for r in rows]),
+                  "clean_accuracy_pct": mean_ci([100 * r["clean_accuracy"] for r in rows]),
+                  "adv_accuracy_pct": mean_ci([100 * r["pgd_accuracy"] for r in rows]), "n_models": len(rows)}
+    return out
+
+
+CHEN_ET_AL_MNIST = (  # their Table (MNIST ConvNet, single runs; L_e in 1e-7), quoted for comparison
+    ("normal", 261.2, 204.8, 99.29, 0.00), ("adversarial training", 373.3, 298.7, 99.00, 89.92),
+    ("SEP, positive weight", 93.0, 61.5, 98.8, 89.4), ("SEP, negative weight", 806.2, 657.2, 98.97, 90.34))
+
+
+def explanation_markdown(res: dict) -> str:
+    from compare import fmt_ci
+
+    method = res["settings"]["explanation_methods"][0]
+    eps = res["report_eps_linf"]
+    lines = [f"Explanation map: {method}; attacks within L∞ ε = {res['settings']['explanation_eps']} "
+             f"({res['settings']['explanation_steps']} steps), top-k with k = {res['settings']['explanation_topk']}; "
+             f"{res['n_inputs']} test inputs, pairs {res['pairs']}. Mean [95% CI] over seeds.", "",
+             f"| variant | L_e^start (1e-7) | L_e^end (1e-7) | clean acc % | PGD-L∞ acc % (ε = {eps:g}) | models |",
+             "|---|---|---|---|---|---|"]
+    for v, t in res["seed_table"].items():
+        lines.append(f"| {v} | {fmt_ci(t['le_start_1e7'], 1)} | {fmt_ci(t['le_end_1e7'], 1)} | "
+                     f"{fmt_ci(t['clean_accuracy_pct'], 2)} | {fmt_ci(t['adv_accuracy_pct'], 2)} | {t['n_models']} |")
+    lines += ["", "Chen et al. (MNIST ConvNet, single runs, their attack settings): " + "; ".join(
+        f"{name} {a} → {b}, clean {c}%, adv {d}%" for name, a, b, c, d in CHEN_ET_AL_MNIST) + ".", "",
+              "Per model (means over inputs / pairs):", "",
+              "| variant | seed | PGD acc | ρ_adv | L_e^start | L_e^end | L_e random sign | top-k attack | top-k random sign "
+              "| Spearman attack | sensitivity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["models"]:
+        e = r["explanation"][method]
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['pgd_accuracy']:.3f} | {r['rho_adv']:.4f} | "
+                     f"{e['le_start']:.3g} | {e['le_end']:.3g} | {e['le_random_sign']:.3g} | {e['topk_attack']:.3f} | "
+                     f"{e['topk_random_sign']:.3f} | {e['spearman_attack']:.3f} | {e['sensitivity']:.3g} |")
+    lines += ["", f"Across models (n = {len(res['models'])}): rank correlation between classification and explanation "
+                  "robustness, permutation p-value, bootstrap 95% CI over models.", "",
+              "| method | classification | explanation | Spearman [CI] | perm. p | Kendall [CI] | perm. p |",
+              "|---|---|---|---|---|---|---|"]
+    for c in res["correlation"]:
+        lines.append(f"| {c['method']} | {CLASS_MEASURES[c['classification']]} | {EXPL_MEASURES[c['explanation']]} | "
+                     f"{c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, {c['spearman_ci'][1]:+.3f}] | "
+                     f"{c['spearman_perm_p']:.3g} | {c['kendall']:+.3f} [{c['kendall_ci'][0]:+.3f}, "
+                     f"{c['kendall_ci'][1]:+.3f}] | {c['kendall_perm_p']:.3g} |")
+    lines += ["", "Within each model, per input: Spearman between the DeepFool radius and each explanation measure "
+                  "(median over models [range of the per-model ρ]):", ""]
+    keys = sorted({k for r in res["models"] for k in r["within_model_vs_radius"][method]})
+    for key in keys:
+        rhos = [r["within_model_vs_radius"][method][key]["rho"] for r in res["models"]]
+        rhos = [x for x in rhos if np.isfinite(x)]
+        if rhos:
+            lines.append(f"- radius vs {key}: median ρ {np.median(rhos):+.3f} [{min(rhos):+.3f}, {max(rhos):+.3f}]")
+    return "\n".join(lines) + "\n"
+
+
+def scatter_plot(res: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import artifacts
+
+    method = res["settings"]["explanation_methods"][0]
+    variants = list(dict.fromkeys(r["variant"] for r in res["models"]))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, em in zip(axes, EXPL_MEASURES):
+        for i, v in enumerate(variants):
+            rows = [r for r in res["models"] if r["variant"] == v]
+            ax.scatter([r["pgd_accuracy"] for r in rows], [r["explanation"][method][em] for r in rows],
+                       color=f"C{i}", label=v)
+        ax.set_xlabel(f"PGD-L∞ accuracy (ε = {res['report_eps_linf']:g})")
+        ax.set_title(EXPL_MEASURES[em])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Explanation robustness vs classification robustness, one point per model")
+    fig.tight_layout()
+    artifacts.atomic_savefig(fig, path)
+
+
+def write(ctx, res: dict) -> str:
+    import artifacts
+
+    artifacts.atomic_write_json(ctx.results / "explanation.json", res)
+    artifacts.atomic_write_text(ctx.results / "explanation.md", explanation_markdown(res))
+    scatter_plot(res, ctx.results / "explanation.png")
+    c = next((c for c in res["correlation"] if c["classification"] == "pgd_accuracy"
+              and c["explanation"] == "le_end"), None)
+    corr = f"; Spearman(PGD acc, L_e^end) {c['spearman']:+.3f} (perm. p {c['spearman_perm_p']:.3g})" if c else ""
+    return f"{len(res['models'])} models{corr} → {ctx.results / 'explanation.md'}"
+
+
+def main(argv=None) -> int:
+    import stage
+
+    return stage.script("explanation", compute, write, "Explanation robustness vs classification robustness.")(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

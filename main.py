@@ -35,7 +35,7 @@ from artifacts import (ArtifactError, atomic_write_json, checkpoint_path, load_j
                        results_dir, save_checkpoint, set_seed, stage_main, variant_dir, versions)
 from cnnmodel import build_model, predict
 from config import TRAINING_KEYS, config_hash, load_stage_config, stage_parser
-from metrics import mean_ci
+from metrics import proportion_ci
 from mnistload import Dataset
 from variants import BASELINE, Variant, VariantError, parse_variant_name, plan
 
@@ -102,7 +102,7 @@ def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
     seeded with ``seed``. Same config, data and seed ⇒ the same parameters bit for bit on CPU.
     Raises TrainingDiverged (naming seed and epoch) when the loss or the parameters blow up."""
     set_seed(seed)
-    model = build_model(cfg["arch"], cfg["n_classes"]).to(device)
+    model = build_model(cfg["arch"], cfg["n_classes"], cfg["arch_kwargs"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     loss_fn = nn.CrossEntropyLoss()
     regime_loss = None
@@ -111,7 +111,12 @@ def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
 
         regime_gen = torch.Generator().manual_seed(seed + 1_000_003)  # its own stream: batch order unchanged
         settings = {k: cfg[k] for k in regimes.REGIME_KEYS}
-        regime_loss = lambda m, xb, yb: regimes.training_loss(regime, m, xb, yb, settings, regime_gen)  # noqa: E731
+        if regime == "sep_sharp":  # the sep loss with the sharpening weight
+            settings["sep_reg_weight"] = cfg["sep_sharp_reg_weight"]
+
+        def regime_loss(m, xb, yb):
+            res = regimes.training_loss("sep" if regime == "sep_sharp" else regime, m, xb, yb, settings, regime_gen)
+            return res.loss, res.logits
     gen = torch.Generator().manual_seed(seed)
     history = []
     n, bs = len(x), cfg["batch_size"]
@@ -209,21 +214,37 @@ def train_unit(cfg: dict, ds: Dataset, variant: Variant, seed: int, kept: np.nda
 
 
 def train_variants(ctx: stage.Context, targets: list[Variant]) -> dict:
-    """Train every (variant, seed) of ``targets``; write each variant's ``train.json``."""
+    """Train every (variant, seed) of ``targets`` as a unit (executor.py: in this process or on Ray);
+    each writes its checkpoint and its record part. Returns ``{variant: {"models", "records"}}`` read
+    back from those files (models only when they are measured next)."""
+    import executor
+
     cfg, ds = ctx.cfg, ctx.dataset
     needs_subsets = any(v.rule != "baseline" for v in targets)
     subsets = load_subsets(cfg, ds) if needs_subsets else None
     hint = str(results_dir(cfg) / "subsets.json")
     # check every unit's subset before the first (long) training starts
-    kept = {(v, s): kept_indices(v, s, subsets, len(ds.x_train), hint) for v in targets for s in model_seeds(cfg)}
+    pairs = [(v, s) for v in targets for s in model_seeds(cfg)]
+    units = [executor.Unit(ctx.stage, v.name, s, train_variant_unit,
+                           {"kept": kept_indices(v, s, subsets, len(ds.x_train), hint)}) for v, s in pairs]
+    executor.run_units(ctx, units, "train (variant, seed)")
+    measured_next = not getattr(ctx.args, "no_measure", False)
     out = {}
-    units = [(v, s) for v in targets for s in model_seeds(cfg)]
-    for v, s in tqdm(units, desc="train (variant, seed)", disable=None):
-        model, record = train_unit(cfg, ds, v, s, kept[(v, s)], ctx.device)
+    for (v, s), unit in zip(pairs, units):
         out.setdefault(v, {"models": [], "records": []})
-        out[v]["models"].append((s, model))
-        out[v]["records"].append(record)
+        out[v]["records"].append(executor.read_part(ctx, unit)[0]["record"])
+        if measured_next:
+            out[v]["models"].append((s, executor.load_unit_model(ctx, unit)))
     return out
+
+
+def train_variant_unit(ctx: stage.Context, unit) -> None:
+    """One training unit: the checkpoint (train_unit) and the record part."""
+    import executor
+
+    _, record = train_unit(ctx.cfg, ctx.dataset, parse_variant_name(unit.variant), unit.seed, unit.args["kept"],
+                           ctx.device)
+    executor.write_part(ctx, unit, {"record": record})
 
 
 def write_training(ctx: stage.Context, trained: dict) -> str:
@@ -234,7 +255,8 @@ def write_training(ctx: stage.Context, trained: dict) -> str:
         summary = {"variant": v.name, "rule": v.rule, "n_remove": v.n_remove, "regime": v.regime,
                    "n_train": sorted({r["n_train"] for r in recs}), "dataset_fingerprint": ds.fingerprint,
                    "training_config_hash": config_hash(cfg, TRAINING_KEYS),
-                   "test_accuracy": mean_ci([r["test_accuracy"] for r in recs]), "models": recs}
+                   "test_accuracy": proportion_ci([r["n_test_correct"] for r in recs], [r["n_test"] for r in recs]),
+                   "models": recs}
         atomic_write_json(variant_dir(cfg, v.name) / "train.json", summary)
         acc = summary["test_accuracy"]
         parts.append(f"{v.name} accuracy {acc['mean']:.4f} [{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]")

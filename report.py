@@ -188,8 +188,34 @@ def adversarial_tables(adv: dict) -> list[str]:
     return lines
 
 
+def section_explanation(rdir: Path) -> list[str]:
+    """Explanation robustness vs classification robustness (only when explanation.py ran)."""
+    if not (rdir / "explanation.json").is_file():
+        return []
+    from explanation import explanation_markdown
+
+    res = load_json(rdir / "explanation.json", ("models", "correlation", "seed_table"), made_by="explanation.py")
+    lines = ["## Explanation robustness vs classification robustness", "",
+             "Chen et al. (arXiv 2403.06013) claim that training that flattens or sharpens the explanation loss landscape "
+             "(SEP) moves explanation robustness a lot while adversarial accuracy hardly moves, so the two are not strongly "
+             "correlated. Larger L_e^end and top-k intersection = a harder-to-manipulate explanation; larger "
+             "sensitivity = a less robust one.", "", explanation_markdown(res).rstrip(), ""]
+    lines += ["What this run's data says about the claim:", ""]
+    for c in res["correlation"]:
+        if c["classification"] != "pgd_accuracy" or not math.isfinite(c.get("spearman", math.nan)):
+            continue
+        lo, hi = c["spearman_ci"]
+        strength = ("strong" if abs(c["spearman"]) >= 0.7 else "moderate" if abs(c["spearman"]) >= 0.4 else "weak")
+        excl = "excludes 0" if (lo > 0 or hi < 0) else "contains 0"
+        lines.append(f"- PGD accuracy vs {c['explanation']} ({c['method']}): Spearman {c['spearman']:+.2f} "
+                     f"[{lo:+.2f}, {hi:+.2f}] ({strength}; the interval {excl}; permutation p = {c['spearman_perm_p']:.3g}) "
+                     f"over {c['n_models']} models.")
+    lines += ["", "![explanation vs classification robustness](explanation.png)"]
+    return lines
+
+
 SECTIONS = (section_environment, section_variants, section_robustness, section_dsa, section_detectors,
-            section_adversarial)
+            section_adversarial, section_explanation)
 
 
 def build_report(rdir: Path) -> str:

@@ -194,16 +194,31 @@ def write_measurements(ctx, measured: dict) -> str:
 
 
 def measure_trained(ctx, names: list[str] | None = None) -> dict:
-    """Load every planned variant's models (or ``names``) and measure them."""
+    """Measure every planned variant's models (or ``names``'): one unit per (variant, seed)
+    (executor.py), each writing its records to a part; returns ``{variant: [(seed, records, summary)]}``
+    read back from the parts."""
+    import executor
     from variants import parse_variant_name
 
     targets = [parse_variant_name(n) for n in (names or artifacts.trained_variants(ctx.cfg)[0])]
+    pairs = [(v, s) for v in targets for s in artifacts.model_seeds(ctx.cfg)]
+    units = [executor.Unit("robustness", v.name, s, measure_unit) for v, s in pairs]
+    executor.require_checkpoints(ctx.cfg, units)
+    executor.run_units(ctx, units, "robustness (variant, seed)")
     out = {}
-    for v in tqdm(targets, desc="robustness per variant", disable=None):
-        models = artifacts.load_models(ctx.cfg, ctx.dataset.fingerprint, v.name, ctx.device)
-        out[v] = [(seed, *measure_robustness(model, ctx.dataset.x_test, ctx.dataset.y_test, ctx.cfg, ctx.device))
-                  for seed, model, _ in models]
+    for (v, s), unit in zip(pairs, units):
+        meta, records = executor.read_part(ctx, unit)
+        out.setdefault(v, []).append((s, records, meta["summary"]))
     return out
+
+
+def measure_unit(ctx, unit) -> None:
+    """One unit: the DeepFool radius of one (variant, seed) model on the test split."""
+    import executor
+
+    model = executor.load_unit_model(ctx, unit)
+    records, summary = measure_robustness(model, ctx.dataset.x_test, ctx.dataset.y_test, ctx.cfg, ctx.device)
+    executor.write_part(ctx, unit, {"summary": summary}, **records)
 
 
 @artifacts.stage_main()

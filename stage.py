@@ -28,7 +28,13 @@ from config import TRAINING_KEYS, config_hash, load_config, output_root, stage_p
 RUN_KEYS = ("name", "seed", "n_models", "device", "num_threads", "eval_batch_size")
 MODEL_KEYS = RUN_KEYS + TRAINING_KEYS  # a stage that loads checkpoints checks them against TRAINING_KEYS
 VARIANT_KEYS = ("variants", "remove_counts", "remove_count", "remove_fraction")
-REGIME_KEYS: tuple[str, ...] = ()  # the training regimes' settings (regimes.py)
+REGIME_KEYS = ("pgd_at_eps", "pgd_at_steps", "pgd_at_step_size", "sep_reg_weight", "sep_sharp_reg_weight",
+               "sep_sigma", "sep_base", "sep_explanation_method")  # the training regimes' settings (regimes.py)
+EXPLANATION_KEYS = ("explanation_methods", "explanation_n_steps", "explanation_n_inputs", "explanation_pairs",
+                    "explanation_n_pairs", "explanation_n_clusters", "explanation_eps", "explanation_steps",
+                    "explanation_step_size", "explanation_gamma", "explanation_beta", "explanation_topk",
+                    "explanation_sensitivity_radius", "explanation_sensitivity_samples",
+                    "explanation_permutations", "adv_report_eps")
 DEEPFOOL_KEYS = ("deepfool_num_classes", "deepfool_overshoot", "deepfool_max_iter", "deepfool_clip",
                  "deepfool_n_test", "deepfool_batch_size")
 DSA_KEYS = ("dsa_variants", "dsa_layers", "dsa_k", "dsa_group_by", "dsa_chunk_size", "dsa_top",
@@ -42,6 +48,13 @@ DETECTOR_KEYS = ("detector_lcr_operator", "detector_lcr_rate", "detector_mlp_hid
 ADV_KEYS = ("adv_eps_linf", "adv_eps_l2", "pgd_steps", "pgd_step_size", "pgd_l2_step_factor",
             "pgd_random_start", "adv_target_accuracy", "adv_n_test", "adv_transfer_eps", "adv_margin_steps")
 
+# How a stage's (stage, variant, seed) units run (executor.py), not what they compute. The stages that
+# run units may read these keys, but they stay outside the config view's items: they change no config
+# hash, manifest config, Make stamp or checkpoint, so a run under ``executor: ray`` has the same bytes
+# as a local one and switching executor reruns nothing.
+EXECUTOR_KEYS = ("executor", "ray_address", "ray_num_cpus", "ray_num_gpus", "ray_max_retries")
+UNIT_STAGES = ("train", "train_variants", "robustness", "adversarial")
+
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train": MODEL_KEYS,                                           # the baseline models
     "train_variants": MODEL_KEYS + VARIANT_KEYS + REGIME_KEYS,     # every other variant
@@ -51,6 +64,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "conductance": MODEL_KEYS + CONDUCTANCE_KEYS,
     "detectors": MODEL_KEYS + DETECTOR_KEYS,
     "adversarial": MODEL_KEYS + VARIANT_KEYS + ADV_KEYS,
+    "explanation": MODEL_KEYS + VARIANT_KEYS + EXPLANATION_KEYS,
     "compare": ("name", "seed", "n_models") + VARIANT_KEYS + ("adv_report_eps", "adv_target_accuracy"),
     "report": ("name",),
 }
@@ -61,13 +75,17 @@ class UndeclaredConfigKey(LookupError):
 
 
 class StageConfig(dict):
-    """The resolved config restricted to one stage's keys."""
+    """The resolved config restricted to one stage's keys (its items), plus, for a stage that runs
+    units, the executor settings: readable as ``cfg["executor"]`` but not items, so never hashed."""
 
     def __init__(self, stage: str, full: dict[str, Any], keys: tuple[str, ...]):
         super().__init__({k: full[k] for k in dict.fromkeys(keys)})
         self.stage = stage
+        self.settings = {k: full[k] for k in EXECUTOR_KEYS if k in full} if stage in UNIT_STAGES else {}
 
     def __missing__(self, key):
+        if key in self.settings:
+            return self.settings[key]
         raise UndeclaredConfigKey(f"stage {self.stage!r} read config key {key!r}, which is not in "
                                   f"stage.STAGE_KEYS[{self.stage!r}]")
 

@@ -10,8 +10,10 @@ DESIGN.md, "Variants". A variant is named ``<rule>[_n<N>][+<regime>]``:
 - ``least_surprising_n<N>``: without the N lowest-DSA inputs (the opposite end of the ranking);
 - ``random_class_matched_n<N>``: random removal with the class histogram of ``corner_cases_n<N>``,
   so that class balance cannot explain a difference from the corner-case variant;
-- ``+pgd_at`` / ``+sep``: the same subset trained with PGD adversarial training or the
-  explanation-smoothness penalty (``regimes.py``); ``standard`` (cross-entropy) is the default.
+- ``+pgd_at`` / ``+sep`` / ``+sep_sharp``: the same subset trained with PGD adversarial training or
+  the explanation-smoothness penalty of Chen et al. (``regimes.py``) with the flattening weight
+  ``sep_reg_weight`` (> 0) or the sharpening weight ``sep_sharp_reg_weight`` (< 0), so both signs can
+  be variants of one config; ``standard`` (cross-entropy) is the default.
 
 The config lists ``variants`` as ``rule[+regime]`` and the doses as ``remove_counts``; every removal
 rule runs at every dose. Baseline (standard) is always part of the plan: DSA ranks the training
@@ -30,7 +32,7 @@ import numpy as np
 RULES = ("baseline", "corner_cases", "random", "least_surprising", "random_class_matched")
 REMOVAL_RULES = RULES[1:]
 DSA_RULES = ("corner_cases", "least_surprising", "random_class_matched")  # need cc_remove's ranking
-REGIMES = ("standard", "pgd_at", "sep")
+REGIMES = ("standard", "pgd_at", "sep", "sep_sharp")  # sep: flattening weight; sep_sharp: sharpening
 
 _NAME = re.compile(r"^(?P<rule>[a-z_]+?)(_n(?P<n>\d+))?(\+(?P<regime>[a-z_]+))?$")
 

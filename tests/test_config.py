@@ -17,7 +17,7 @@ def test_default_yaml_lists_every_key_with_a_comment():
     assert load_config("configs/default.yaml") == load_config(None)
 
 
-@pytest.mark.parametrize("name", ["smoke", "mnist_full", "cifar10"])
+@pytest.mark.parametrize("name", ["smoke", "mnist_full", "cifar10", "dose", "explanation"])
 def test_shipped_configs_load_and_comment_every_key(name):
     cfg = load_config(f"configs/{name}.yaml")
     assert cfg["name"] == name

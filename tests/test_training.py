@@ -38,3 +38,19 @@ def test_retrain_without_kept_indices_is_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "subsets.json: required artifact is missing (written by python cc_remove.py)" in err
+
+
+def test_sep_with_zero_weight_trains_bit_for_bit_like_standard():
+    """Through main.train_model (the pipeline's path): the sep regime with reg_weight 0 adds nothing
+    and draws nothing, so the parameters equal the standard regime's bit for bit; a nonzero weight
+    changes them."""
+    cfg, ds = _smoke(num_epochs=1, n_train=96, sep_reg_weight=0.0)
+    args = (cfg, ds.x_train, ds.y_train, ds.x_val, ds.y_val)
+    std, _ = train_model(*args, seed=3, device=torch.device("cpu"))
+    sep0, _ = train_model(*args, seed=3, device=torch.device("cpu"), regime="sep")
+    for key, value in std.state_dict().items():
+        assert torch.equal(value, sep0.state_dict()[key]), key
+    cfg2, _ = _smoke(num_epochs=1, n_train=96, sep_reg_weight=2000.0)
+    sep, _ = train_model(cfg2, ds.x_train, ds.y_train, ds.x_val, ds.y_val, seed=3, device=torch.device("cpu"),
+                         regime="sep")
+    assert not torch.equal(std.fc2.weight, sep.fc2.weight)
