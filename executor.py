@@ -177,6 +177,10 @@ def _fn_name(fn: Callable) -> str:
 def _run_ray(ctx, units: list[Unit], opts: dict) -> None:
     import ray
 
+    if not ctx.cfg["num_threads"]:
+        print(f"[{ctx.stage}] note: num_threads is 0, so each Ray unit runs {opts['ray_num_cpus']} torch thread(s) "
+              "where a local run uses torch's default; float sums may round differently (set num_threads for "
+              "artifacts identical to a local run)", flush=True)
     start = time.perf_counter()
     _connect(opts)
     ready = time.perf_counter() - start
