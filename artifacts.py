@@ -361,7 +361,8 @@ def trained_variants(cfg: dict) -> tuple[list[str], list[str]]:
         candidates = [v.name for v in plan(cfg)]
     except VariantError:  # a dose given as remove_fraction: the names cc_remove.py resolved
         candidates = load_json(subsets, ("variants",), made_by="python cc_remove.py")["variants"]
-    if subsets.is_file():
+    planned = list(candidates)
+    if subsets.is_file():  # the seed workflow's variant counts when trained, is never "missing"
         extra = load_json(subsets).get("is_retrain_variant")
         if extra and extra not in candidates:
             candidates.append(extra)
@@ -369,4 +370,4 @@ def trained_variants(cfg: dict) -> tuple[list[str], list[str]]:
     if "baseline" not in trained:
         raise ArtifactError(f"{checkpoint_path(cfg, model_seeds(cfg)[0], 'baseline')}: no trained baseline model "
                             "(run `python main.py --config ...` first)")
-    return trained, [v for v in candidates if v not in trained]
+    return trained, [v for v in planned if v not in trained]
