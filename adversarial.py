@@ -176,8 +176,8 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
 def success_rate(clean_correct, adv_correct) -> float:
     """Fraction of the inputs classified correctly before the attack that are wrong after it
     (NaN when no input was correct before)."""
-    clean = np.asarray(clean_correct, dtype=bool).ravel()
-    adv = np.asarray(adv_correct, dtype=bool).ravel()
+    clean = np.asarray(clean_correct).astype(np.bool_).ravel()
+    adv = np.asarray(adv_correct).astype(np.bool_).ravel()
     if clean.shape != adv.shape:
         raise ValueError(f"clean_correct ({clean.size}) and adv_correct ({adv.size}) differ in length")
     if not clean.any():
