@@ -16,7 +16,11 @@ L is the cross-entropy of the logits; its sum over the batch is differentiated, 
 gradient is its own (the batch size does not change the attack).
 
 Metrics:
-- accuracy under attack at each ε of the configured grids (ε = 0 is the clean accuracy);
+- accuracy under attack at each ε of the configured grids (ε = 0 is the clean accuracy). An input
+  counts as broken by PGD when any iterate (the random start included) is misclassified, as in
+  Croce & Hein's APGD; an input leaves the batch at its first misclassified iterate (``_pgd``:
+  early stopping changes no outcome, only the work). Only the PGD-L∞ run at the transfer ε runs
+  every input for all steps, since its last iterates are the transfer inputs;
 - attack success rate: the fraction of inputs classified correctly before the attack that are
   misclassified after it;
 - robustness margin: the smallest ε at which the accuracy drops below ``adv_target_accuracy``
@@ -46,6 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 import artifacts
+import cnnmodel
 import stage
 from config import ConfigError
 from metrics import mean_ci
@@ -107,28 +112,76 @@ def _uniform_noise(shape, generator, device, dtype) -> torch.Tensor:
     return torch.rand(shape, generator=generator, dtype=dtype).to(device)
 
 
-def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
-             step_size: float = 0.01, random_start: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """PGD in the L∞ ball (Madry et al. 2018): ``steps`` signed-gradient steps of ``step_size``,
-    each followed by projection onto {‖x' − x‖∞ ≤ eps} ∩ [0, 1]^d."""
+def _logits_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at ``x`` and ∇_x of the summed cross-entropy (one forward, one backward)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+    return logits.detach(), grad
+
+
+def _pgd(model: nn.Module, y: torch.Tensor, x_start: torch.Tensor, steps: int, update: Callable,
+         early_stop: bool, final_check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PGD loop: ``steps`` times, x ← update(x, ∇_x L, rows). Returns ``(x_adv, fooled)``, where
+    ``fooled`` marks the inputs misclassified at any iterate, the start and (``final_check``) the
+    last one included; without ``final_check`` and ``early_stop`` it is None.
+
+    ``early_stop``: an input leaves the batch at its first misclassified iterate and is returned
+    there. Since the loss gradient of one input does not depend on the others, the inputs that stay
+    follow the same path as without early stopping, so ``fooled`` is the same either way; only the
+    points returned for fooled inputs differ (first vs last iterate). Counting an input as broken
+    when any iterate is misclassified is the convention of Croce & Hein's APGD (AutoAttack, arXiv
+    2003.01690), which returns the best adversarial point found rather than the last iterate."""
+    x_adv = x_start.clone()
+    track = early_stop or final_check
+    fooled = torch.zeros(len(y), dtype=torch.bool, device=y.device) if track else None
+    rows = torch.arange(len(y), device=y.device) if early_stop else slice(None)
+    with _eval_mode(model):
+        for _ in range(steps):
+            if early_stop:
+                rows = rows[~fooled[rows]]
+                if not len(rows):
+                    break
+            logits, grad = _logits_and_gradient(model, x_adv[rows], y[rows])
+            if track:
+                wrong = logits.argmax(1) != y[rows]
+                fooled[rows] |= wrong
+            if early_stop:  # the fooled ones stay at this iterate
+                rows, grad = rows[~wrong], grad[~wrong]
+            x_adv[rows] = update(x_adv[rows], grad, rows)
+        if final_check and (not early_stop or len(rows)):
+            with torch.no_grad():
+                fooled[rows] |= model(x_adv[rows]).argmax(1) != y[rows]
+    return x_adv.detach(), fooled
+
+
+def _pgd_linf(model, x, y, eps, steps=40, step_size=0.01, random_start=True, generator=None, early_stop=False,
+              final_check=True):
     _check_inputs(x, y, eps)
     if steps < 0 or step_size < 0:
         raise ValueError(f"steps, step_size: expected >= 0, got {steps}, {step_size}")
     x0 = x.detach()
     if eps == 0:
-        return x0.clone()
+        return x0.clone(), _misclassified(model, x0, y)
     lower, upper = (x0 - eps).clamp(min=0.0), (x0 + eps).clamp(max=1.0)
     if random_start:
         noise = (2 * _uniform_noise(x0.shape, generator, x0.device, x0.dtype) - 1) * eps
-        x_adv = torch.min(torch.max(x0 + noise, lower), upper)
+        x_start = torch.min(torch.max(x0 + noise, lower), upper)
     else:
-        x_adv = x0.clone()
-    with _eval_mode(model):
-        for _ in range(steps):
-            grad = _loss_gradient(model, x_adv, y)
-            x_adv = torch.min(torch.max(x_adv + step_size * grad.sign(), lower), upper)
-    return x_adv.detach()
+        x_start = x0
+    return _pgd(model, y, x_start, steps,
+                lambda xa, g, rows: torch.min(torch.max(xa + step_size * g.sign(), lower[rows]), upper[rows]),
+                early_stop, final_check)
+
+
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
+             step_size: float = 0.01, random_start: bool = True,
+             generator: torch.Generator | None = None, early_stop: bool = False) -> torch.Tensor:
+    """PGD in the L∞ ball (Madry et al. 2018): ``steps`` signed-gradient steps of ``step_size``,
+    each followed by projection onto {‖x' − x‖∞ ≤ eps} ∩ [0, 1]^d. ``early_stop``: an input stops
+    at its first misclassified iterate (see ``_pgd``)."""
+    return _pgd_linf(model, x, y, eps, steps, step_size, random_start, generator, early_stop, False)[0]
 
 
 def _project_l2(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,18 +191,14 @@ def _project_l2(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tens
     return (x0 + delta * scale).clamp(0.0, 1.0)
 
 
-def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
-           step_size: float | None = None, random_start: bool = True,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """PGD in the L2 ball: ``steps`` normalised-gradient steps g/‖g‖₂ of ``step_size``
-    (default 2.5·eps/steps), each followed by projection onto {‖x' − x‖₂ ≤ eps} and [0, 1]^d.
-    The random start is uniform in the ball: a Gaussian direction and radius eps·U^(1/d)."""
+def _pgd_l2(model, x, y, eps, steps=40, step_size=None, random_start=True, generator=None, early_stop=False,
+            final_check=True):
     _check_inputs(x, y, eps)
     if steps < 0:
         raise ValueError(f"steps: expected >= 0, got {steps}")
     x0 = x.detach()
     if eps == 0:
-        return x0.clone()
+        return x0.clone(), _misclassified(model, x0, y)
     if step_size is None:
         step_size = 2.5 * eps / max(steps, 1)
     if step_size < 0:
@@ -159,15 +208,31 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
         direction = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         direction = direction / _per_input_norm(direction).clamp(min=1e-12)
         radius = eps * _uniform_noise((len(x0),), generator, x0.device, x0.dtype) ** (1.0 / d)
-        x_adv = _project_l2(x0 + direction * radius.view(-1, *([1] * (x0.dim() - 1))), x0, eps)
+        x_start = _project_l2(x0 + direction * radius.view(-1, *([1] * (x0.dim() - 1))), x0, eps)
     else:
-        x_adv = x0.clone()
+        x_start = x0
+
+    def update(xa, g, rows):
+        g = g / _per_input_norm(g).clamp(min=1e-12)  # a zero gradient makes no step
+        return _project_l2(xa + step_size * g, x0[rows], eps)
+
+    return _pgd(model, y, x_start, steps, update, early_stop, final_check)
+
+
+def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
+           step_size: float | None = None, random_start: bool = True,
+           generator: torch.Generator | None = None, early_stop: bool = False) -> torch.Tensor:
+    """PGD in the L2 ball: ``steps`` normalised-gradient steps g/‖g‖₂ of ``step_size``
+    (default 2.5·eps/steps), each followed by projection onto {‖x' − x‖₂ ≤ eps} and [0, 1]^d.
+    The random start is uniform in the ball: a Gaussian direction and radius eps·U^(1/d).
+    ``early_stop``: an input stops at its first misclassified iterate (see ``_pgd``)."""
+    return _pgd_l2(model, x, y, eps, steps, step_size, random_start, generator, early_stop, False)[0]
+
+
+@torch.no_grad()
+def _misclassified(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with _eval_mode(model):
-        for _ in range(steps):
-            grad = _loss_gradient(model, x_adv, y)
-            grad = grad / _per_input_norm(grad).clamp(min=1e-12)  # a zero gradient makes no step
-            x_adv = _project_l2(x_adv + step_size * grad, x0, eps)
-    return x_adv.detach()
+        return model(x).argmax(1) != y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,30 +274,42 @@ def predict_labels(model: nn.Module, x: torch.Tensor, batch_size: int, device) -
     return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
 
 
-def make_attack(name: str, cfg: dict) -> Callable:
-    """The attack ``name`` with the config's PGD settings: ``f(model, x, y, eps, generator)``."""
+def make_attack(name: str, cfg: dict, early_stop: bool = True) -> Callable:
+    """The attack ``name`` with the config's PGD settings: ``f(model, x, y, eps, generator)`` →
+    ``(x_adv, fooled)``, ``fooled`` marking the inputs misclassified at any PGD iterate (FGSM: at
+    ``x_adv``). ``early_stop``: PGD stops each input at its first misclassified iterate (the same
+    ``fooled``, less work; ``_pgd``)."""
     if name == "fgsm":
-        return lambda model, x, y, eps, generator=None: fgsm(model, x, y, eps)
+        def attack(model, x, y, eps, generator=None):
+            x_adv = fgsm(model, x, y, eps)
+            return x_adv, _misclassified(model, x_adv, y)
+        return attack
     if name == "pgd_linf":
-        return lambda model, x, y, eps, generator=None: pgd_linf(
-            model, x, y, eps, cfg["pgd_steps"], cfg["pgd_step_size"], cfg["pgd_random_start"], generator)
+        return lambda model, x, y, eps, generator=None: _pgd_linf(
+            model, x, y, eps, cfg["pgd_steps"], cfg["pgd_step_size"], cfg["pgd_random_start"], generator,
+            early_stop)
     if name == "pgd_l2":
-        return lambda model, x, y, eps, generator=None: pgd_l2(
+        return lambda model, x, y, eps, generator=None: _pgd_l2(
             model, x, y, eps, cfg["pgd_steps"], cfg["pgd_l2_step_factor"] * eps / cfg["pgd_steps"],
-            cfg["pgd_random_start"], generator)
+            cfg["pgd_random_start"], generator, early_stop)
     raise ValueError(f"attack: unknown {name!r}; expected one of {list(ATTACKS)}")
 
 
 def run_attack(model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor, eps: float,
-               batch_size: int, device, seed: int) -> torch.Tensor:
-    """Adversarial inputs for all of ``x`` (CPU), in batches; random starts drawn from a generator
-    seeded with ``seed``, so a (model seed, attack, ε) always gets the same start."""
+               batch_size: int, device, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``(x_adv, fooled)`` for all of ``x`` (CPU tensor, boolean array), in batches; random starts
+    drawn from a generator seeded with ``seed``, so a (model seed, attack, ε) always gets the same
+    start."""
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    out, fooled = [], []
     for s in range(0, len(x), batch_size):
-        out.append(attack(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device),
-                          eps, generator=generator).cpu())
-    return torch.cat(out)
+        x_adv, f = attack(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device), eps,
+                          generator=generator)
+        out.append(x_adv.cpu())
+        fooled.append(f.cpu())
+    if not out:
+        return x.clone(), np.zeros(0, dtype=np.bool_)
+    return torch.cat(out), torch.cat(fooled).numpy()
 
 
 def grids(cfg: dict) -> dict[str, list[float]]:
@@ -263,8 +340,8 @@ def refine_margin(model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.
         open_ = np.flatnonzero(robust_lo & ~robust_hi)
         if len(open_):
             sel = torch.from_numpy(open_)
-            x_adv = run_attack(model, attack, x[sel], y[sel], mid, batch_size, device, seed)
-            robust_mid[open_] = predict_labels(model, x_adv, batch_size, device) == y[sel].numpy()
+            _, fooled = run_attack(model, attack, x[sel], y[sel], mid, batch_size, device, seed)
+            robust_mid[open_] = ~fooled
             attacked += len(open_)
         acc = float(robust_mid.mean())
         evaluations.append([mid, acc])
@@ -291,9 +368,13 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict
         if eps == 0:  # every attack is the identity at ε = 0
             adv_correct = clean_correct
         else:
-            x_adv = run_attack(model, make_attack(name, cfg), x, y, eps, cfg["eval_batch_size"], device, seed)
-            adv_correct = predict_labels(model, x_adv, cfg["eval_batch_size"], device) == y_np
-            if name == "pgd_linf" and keep_eps is not None and eps == keep_eps:
+            # the transfer inputs are PGD's last iterates (no early stop); accuracy counts an input as
+            # broken when any iterate is misclassified, with or without early stopping
+            keep = name == "pgd_linf" and keep_eps is not None and eps == keep_eps
+            x_adv, fooled = run_attack(model, make_attack(name, cfg, early_stop=not keep), x, y, eps,
+                                       cfg["eval_batch_size"], device, seed)
+            adv_correct = ~fooled
+            if keep:
                 kept = x_adv
         correct_at[(name, eps)] = adv_correct
         per_attack[name]["accuracy"].append(float(adv_correct.mean()))
@@ -473,12 +554,14 @@ def evaluate_unit(ctx: stage.Context, unit) -> None:
     cfg, ds = ctx.cfg, ctx.dataset
     n = cfg["adv_n_test"] or len(ds.x_test)
     t_eps = transfer_eps(cfg["adv_eps_linf"], cfg["adv_transfer_eps"])
-    model = executor.load_unit_model(ctx, unit)
-    result, kept = evaluate_model(model, ds.x_test[:n], ds.y_test[:n], cfg, ctx.device, unit.seed, t_eps,
+    # channels-last: the same attack, ~25% less time on CPU (cnnmodel.channels_last)
+    model, x = cnnmodel.channels_last(executor.load_unit_model(ctx, unit), ds.x_test[:n])
+    result, kept = evaluate_model(model, x, ds.y_test[:n], cfg, ctx.device, unit.seed, t_eps,
                                   desc=f"{unit.variant} s{unit.seed}")
     print(f"[adversarial] {unit.variant} seed {unit.seed}: clean {result['clean_accuracy']:.4f}, " + ", ".join(
         f"{a} margin {_fmt_margin(result['attacks'][a]['robustness_margin'])}" for a in ATTACKS))
-    executor.write_part(ctx, unit, {"result": result}, **({} if kept is None else {"x_adv": kept.numpy()}))
+    executor.write_part(ctx, unit, {"result": result},
+                        **({} if kept is None else {"x_adv": kept.contiguous().numpy()}))
 
 
 def _fmt_margin(m) -> str:

@@ -330,3 +330,15 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
             device: torch.device | str | None = None) -> torch.Tensor:
     """Predicted labels (int64, CPU) for ``x`` in eval mode."""
     return predict_logits(model, x, batch_size, device).argmax(dim=1)
+
+
+def channels_last(model: nn.Module, x: torch.Tensor | None = None):
+    """Put a model with 2-D convolutions, and 4-D inputs, in the channels-last memory layout, in
+    place; other models and inputs are returned unchanged. Same values up to float rounding: on CPU
+    the max-pool and convolution kernels of this layout ran the shipped ConvNet's gradient ~25%
+    faster (see bench/ and README, "Adversarial evaluation: cost")."""
+    if any(p.dim() == 4 for p in model.parameters()):
+        model.to(memory_format=torch.channels_last)
+        if x is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+    return model if x is None else (model, x)

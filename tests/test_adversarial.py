@@ -295,3 +295,53 @@ def test_bisection_margin_brackets_the_exact_linear_margin():
             assert acc == pytest.approx(((exact > eps) & correct).mean(), abs=1 / 300 + 1e-9)
         # only the undecided inputs were attacked: fewer than one full pass per bisection step
         assert entry["margin_inputs_attacked"] < steps * len(x) / 2
+
+
+@pytest.mark.parametrize("attack", ["pgd_linf", "pgd_l2"])
+def test_early_stop_changes_no_outcome_only_the_work(attack):
+    """Early stopping freezes an input at its first misclassified iterate. Brute-force reference:
+    run PGD one step at a time without early stopping (steps=1 from the previous iterate, no random
+    start after the first) and record, per input, whether any iterate was misclassified; the early-
+    stopped run must mark the same inputs, return misclassified points for them, and return the
+    plain run's last iterate for the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.rand(40, 1, 8, 8)
+    y = model(x).argmax(1)  # all correct at the start
+    eps, steps, step = (0.04, 8, 0.01) if attack == "pgd_linf" else (0.2, 8, 0.05)
+    fn = getattr(adversarial, "_" + attack)
+    kwargs = {"step_size": step, "random_start": False}
+    # reference: iterate by hand (the update rules written plainly)
+    cur, fooled_ref = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    for _ in range(steps):
+        xr = cur.clone().requires_grad_(True)
+        logits = model(xr)
+        fooled_ref |= logits.argmax(1) != y
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="sum"), xr)
+        if attack == "pgd_linf":
+            cur = torch.min(torch.max(cur + step * g.sign(), x - eps), x + eps).clamp(0, 1)
+        else:
+            g = g / g.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+            delta = cur + step * g - x
+            norm = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+            cur = (x + delta * (eps / norm).clamp(max=1.0)).clamp(0, 1)
+    with torch.no_grad():
+        fooled_ref |= model(cur).argmax(1) != y
+    plain, fooled_plain = fn(model, x, y, eps, steps=steps, **kwargs)
+    early, fooled_early = fn(model, x, y, eps, steps=steps, **kwargs, early_stop=True)
+    assert 0 < int(fooled_ref.sum()) < len(x), "the fixture should break some inputs, not all"
+    assert torch.equal(fooled_plain, fooled_ref) and torch.equal(fooled_early, fooled_ref)
+    with torch.no_grad():
+        assert (model(early[fooled_early]).argmax(1) != y[fooled_early]).all()
+    assert torch.allclose(early[~fooled_early], plain[~fooled_early], atol=1e-6)
+    assert torch.allclose(plain, cur, atol=1e-5)
+    # and a broken input is no longer attacked: fewer gradient rows than the plain run
+    rows = []
+    orig = adversarial._logits_and_gradient
+    try:
+        adversarial._logits_and_gradient = lambda m, xb, yb: (rows.append(len(xb)), orig(m, xb, yb))[1]
+        fn(model, x, y, eps, steps=steps, **kwargs, early_stop=True)
+    finally:
+        adversarial._logits_and_gradient = orig
+    assert sum(rows) < steps * len(x)

@@ -79,3 +79,21 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(ArtifactError, match="missing.pt: required artifact is missing"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_channels_last_keeps_outputs_and_leaves_mlps_alone():
+    import copy
+
+    from cnnmodel import MnistConvNet, channels_last
+
+    torch.manual_seed(0)
+    model = MnistConvNet().eval()
+    x = torch.rand(6, 1, 28, 28)
+    ref = model(x)
+    cl, xcl = channels_last(copy.deepcopy(model), x)
+    assert xcl.is_contiguous(memory_format=torch.channels_last)
+    assert cl.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(cl(xcl), ref, atol=1e-5)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    same, x_same = channels_last(mlp, x)
+    assert same is mlp and x_same is x
