@@ -103,6 +103,10 @@ def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
     Raises TrainingDiverged (naming seed and epoch) when the loss or the parameters blow up."""
     set_seed(seed)
     model = build_model(cfg["arch"], cfg["n_classes"], cfg["arch_kwargs"]).to(device)
+    # channels-last trains the shipped ConvNet ~13% faster on CPU (cnnmodel.channels_last); the
+    # layout is undone before returning, so checkpoints hold ordinary contiguous tensors
+    layout = torch.channels_last if any(p.dim() == 4 for p in model.parameters()) else torch.contiguous_format
+    model.to(memory_format=layout)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     loss_fn = nn.CrossEntropyLoss()
     regime_loss = None
@@ -129,6 +133,8 @@ def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
         for start in bar:
             idx = order[start:start + bs]
             xb, yb = x[idx].to(device), y[idx].to(device)
+            if xb.dim() == 4:
+                xb = xb.contiguous(memory_format=layout)
             opt.zero_grad(set_to_none=True)
             if regime_loss is None:
                 logits = model(xb)
@@ -149,7 +155,7 @@ def train_model(cfg: dict, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
         history.append({"epoch": epoch, "loss": total_loss / n, "train_accuracy": correct / n,
                         "val_accuracy": val_acc})
     model.eval()
-    return model, history
+    return model.to(memory_format=torch.contiguous_format), history
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> float:
