@@ -44,7 +44,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "device": ("auto", "auto (CUDA when present) | cpu | cuda | cuda:N"),
     "num_threads": (0, "torch CPU threads; 0 = torch's default"),
     # --- where the (stage, variant, seed) units run (executor.py); changes no result ------------
-    "executor": ("local", "local (in this process, one unit after another) | ray (Ray tasks)"),
+    "executor": ("local", "local (this machine's processes) | ray (Ray tasks)"),
+    "local_workers": (0, "local: processes running units at once, each num_threads (or 1) threads; 0 = one per core (1 on GPU)"),
     "ray_address": ("", "Ray cluster to join (e.g. auto or head-ip:6379); empty = start a local instance"),
     "ray_num_cpus": (1, "CPUs Ray reserves per unit (its torch threads when num_threads is 0)"),
     "ray_num_gpus": (0.0, "GPUs Ray reserves per unit (fractions share a GPU); 0 = the unit runs on CPU"),
@@ -254,6 +255,7 @@ def _check_ranges(cfg: dict[str, Any], source: str) -> None:
     need(cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda"),
          "device", "auto, cpu or cuda[:N]")
     need(cfg["executor"] in ("local", "ray"), "executor", "local or ray")
+    need(cfg["local_workers"] >= 0, "local_workers", ">= 0 (0 = one per CPU core)")
     need(cfg["ray_num_cpus"] >= 1, "ray_num_cpus", ">= 1")
     need(cfg["ray_num_gpus"] >= 0, "ray_num_gpus", ">= 0")
     need(cfg["ray_max_retries"] >= 0, "ray_max_retries", ">= 0")

@@ -1,6 +1,8 @@
-"""Units of work and where they run (DESIGN.md, "Variants"): ``executor: local`` runs them in this
-process one after another, ``executor: ray`` runs each as a Ray task, on a local Ray instance or on a
-cluster (``ray_address``).
+"""Units of work and where they run (DESIGN.md, "Variants"): ``executor: local`` runs them on this
+machine — in the stage's own process one after another (``local_workers: 1``) or in a pool of spawned
+worker processes (``local_workers: N``; 0 = one per CPU core, each with ``num_threads`` or 1 torch
+threads: on a CPU, a small model's torch threads scale far worse than separate processes) —
+``executor: ray`` runs each as a Ray task, on a local Ray instance or on a cluster (``ray_address``).
 
 A **unit** is one (stage, variant, seed): train one model, measure one model's DeepFool radius,
 attack one model. It reads its inputs from the output root (the dataset from the config, the
@@ -90,14 +92,74 @@ def settings(cfg) -> dict[str, Any]:
     return {k: own.get(k, DEFAULTS[k][0]) for k in EXECUTOR_KEYS}
 
 
+def local_workers(cfg, opts: dict, n_units: int) -> int:
+    """Processes the local executor runs units in: ``local_workers``, or when it is 0, one per CPU
+    core this process may use divided by the threads a unit runs (``num_threads``, else 1) — and one
+    on a GPU, whose memory the workers would otherwise share; never more than there are units."""
+    wanted = opts["local_workers"]
+    if not wanted:
+        from config import resolve_device
+
+        if resolve_device(cfg).type != "cpu":
+            return 1
+        wanted = max(1, len(os.sched_getaffinity(0)) // max(1, cfg["num_threads"]))
+    return max(1, min(wanted, n_units))
+
+
 def run_units(ctx, units: list[Unit], desc: str) -> None:
     """Run every unit (each writes its part); returns when all succeeded, raises on the first failure."""
     opts = settings(ctx.cfg)
-    if opts["executor"] == "local" or not units:
-        for unit in tqdm(units, desc=desc, disable=None):  # today's loop: same process, same order
+    if not units:
+        return
+    if opts["executor"] == "ray":
+        _run_ray(ctx, units, opts)
+        return
+    workers = local_workers(ctx.cfg, opts, len(units))
+    if workers == 1:
+        for unit in tqdm(units, desc=desc, disable=None):  # in this process, in order
             unit.fn(ctx, unit)
         return
-    _run_ray(ctx, units, opts)
+    _run_pool(ctx, units, opts, workers, desc)
+
+
+def _run_pool(ctx, units: list[Unit], opts: dict, workers: int, desc: str) -> None:
+    """``workers`` spawned processes, each running units with ``num_threads`` (else 1) torch threads:
+    on a CPU, torch's threads speed one small model up far less than separate processes do. A unit's
+    output goes to its log, as on Ray; the first failure stops the stage with one line naming the
+    unit and its log (units already running finish; the others are cancelled)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    threads = ctx.cfg["num_threads"] or 1
+    if not ctx.cfg["num_threads"]:
+        print(f"[{ctx.stage}] {workers} worker processes, 1 torch thread each (num_threads is 0; set it for artifacts "
+              "identical to a run with other workers or threads)", flush=True)
+    view = (ctx.stage, dict(ctx.cfg), opts, {"threads": threads, "device_from_config": True})
+    env = {"PIPELINE_OUTPUT_ROOT": str(output_root())}
+    start, timings = time.perf_counter(), {}
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {}
+        for unit in units:
+            unit.log(ctx.cfg).unlink(missing_ok=True)  # the log holds this run's attempt only
+            futures[pool.submit(_task, _fn_name(unit.fn), view, dataclasses.replace(unit, fn=None), env)] = unit
+        for future in tqdm(cf.as_completed(futures), total=len(units), desc=f"{desc}, {workers} processes",
+                           disable=None):
+            unit = futures[future]
+            try:
+                info = future.result()
+            except BaseException as exc:  # noqa: BLE001 - reported as one line naming the unit
+                text = str(exc).strip().splitlines()
+                why = f"{type(exc).__name__}: {text[0][:400] if text else ''}"
+                if isinstance(exc, cf.process.BrokenProcessPool):
+                    why = "its worker process died (killed, or out of memory)"
+                raise UnitFailed(f"unit {unit.describe()} failed: {why}; log: {unit.log(ctx.cfg)}") from None
+            timings[unit.id] = info
+            print(f"[{ctx.stage}] {unit.variant} seed {unit.seed}: {info['seconds']:.1f} s", flush=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    ctx.info["executor"] = {"executor": "local", "local_workers": workers, "threads_per_worker": threads,
+                            "seconds": round(time.perf_counter() - start, 3), "units": timings}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +252,8 @@ def _run_ray(ctx, units: list[Unit], opts: dict) -> None:
     env = {"PIPELINE_OUTPUT_ROOT": str(output_root())}
     if os.environ.get(KILL_ONCE_ENV):
         env[KILL_ONCE_ENV] = os.environ[KILL_ONCE_ENV]
-    view = (ctx.stage, dict(ctx.cfg), opts)
+    view = (ctx.stage, dict(ctx.cfg), opts, {"threads": ctx.cfg["num_threads"] or opts["ray_num_cpus"],
+                                             "device_from_config": opts["ray_num_gpus"] > 0})
     refs = {}
     for unit in units:
         for stale in (unit.log(ctx.cfg), unit.log(ctx.cfg).with_suffix(".killed")):
@@ -260,20 +323,21 @@ _CONTEXT: tuple[tuple, Any] | None = None
 _DATASET: tuple[str, Any] | None = None
 
 
-def _worker_context(stage_name: str, items: dict, opts: dict):
-    """The stage's context in a worker: the same config view, threads, seed and device rule as the
-    driver's ``stage.run``."""
+def _worker_context(stage_name: str, items: dict, opts: dict, worker: dict):
+    """The stage's context in a worker: the same config view, seed and device rule as the driver's
+    ``stage.run``, with ``worker["threads"]`` torch threads; without ``worker["device_from_config"]``
+    (a Ray unit that reserved no GPU) ``device: auto`` means the CPU."""
     global _CONTEXT, _DATASET
     import torch
 
     import stage
 
-    key = (stage_name, config_hash(items), json.dumps(opts, sort_keys=True), str(output_root()))
+    key = (stage_name, config_hash(items), json.dumps([opts, worker], sort_keys=True), str(output_root()))
     if _CONTEXT is None or _CONTEXT[0] != key:
         cfg = stage.StageConfig(stage_name, {**items, **opts}, tuple(items))
-        torch.set_num_threads(cfg["num_threads"] or opts["ray_num_cpus"])
+        torch.set_num_threads(worker["threads"])
         ctx = stage.Context(stage_name, cfg)
-        if opts["ray_num_gpus"] == 0 and cfg["device"] == "auto":
+        if not worker["device_from_config"] and cfg["device"] == "auto":
             ctx.__dict__["device"] = torch.device("cpu")  # no GPU reserved, none used
         data_key = config_hash(items, TRAINING_KEYS)  # the keys that define the split, among others
         if _DATASET is None or _DATASET[0] != data_key:
@@ -285,9 +349,10 @@ def _worker_context(stage_name: str, items: dict, opts: dict):
 
 
 def _task(fn_name: str, view: tuple, unit: Unit, env: dict) -> dict:
-    """One unit in a Ray worker: its output goes to the unit's log; returns timing only."""
+    """One unit in a worker process (Ray's or the local pool's): its output goes to the unit's log;
+    returns timing only."""
     os.environ.update(env)
-    stage_name, items, opts = view
+    stage_name, items, opts, worker = view
     log = unit.log(items)
     attempt = 1 + (log.read_text(errors="replace").count("--- attempt ") if log.is_file() else 0)
     start = time.perf_counter()
@@ -298,7 +363,7 @@ def _task(fn_name: str, view: tuple, unit: Unit, env: dict) -> dict:
             log.with_suffix(".killed").touch()
             os.kill(os.getpid(), signal.SIGKILL)
         try:
-            ctx = _worker_context(stage_name, items, opts)  # loads the dataset: start-up, not the unit's work
+            ctx = _worker_context(stage_name, items, opts, worker)  # loads the dataset: start-up, not the unit's work
             print(f"--- worker ready (imports, dataset) after {time.perf_counter() - start:.1f} s", flush=True)
             module, name = fn_name.split(":")
             getattr(importlib.import_module(module), name)(ctx, unit)

@@ -1,5 +1,6 @@
-"""The (stage, variant, seed) units under ``executor: ray`` (a local Ray instance): the per-unit stages
-of the smoke chain give the same artifacts as the local executor; a unit whose worker process is
+"""The (stage, variant, seed) units under ``executor: ray`` (a local Ray instance) and in local worker
+processes (``local_workers: 2``): the per-unit stages of the smoke chain give the same artifacts as
+the local executor running them in its own process; a unit whose worker process is
 killed is rerun and the stage completes with the same numbers; a unit that fails every time stops the
 stage with one line naming the unit and its log, and the stage writes nothing. The executor keys
 change no config hash or Make stamp."""
@@ -19,6 +20,8 @@ TINY = ["--config", "configs/smoke.yaml"] + [a for kv in (
     "adv_n_test=20", "adv_eps_l2=[0.0,1.0,2.0]", "adv_margin_steps=2", "variants=[baseline,corner_cases]",
     "remove_count=20", "dsa_top=20", "dsa_variants=[sadl]", "bootstrap=20") for a in ("--set", kv)]
 RAY = ["--set", "executor=ray"]
+LOCAL = ["--set", "local_workers=1"]  # in the stage's own process, one unit after another
+POOL = ["--set", "local_workers=2"]   # two spawned worker processes
 VARIANTS = ["baseline", "corner_cases_n20"]
 UNIT_FILES = [f"variants/{v}/{f}" for v in VARIANTS for f in ("robustness.csv",)] + \
     ["adversarial.json", "adversarial.csv", "transfer.json"]
@@ -62,7 +65,12 @@ def ray_instance():
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    return _chain(tmp_path_factory.mktemp("local"), [])
+    return _chain(tmp_path_factory.mktemp("local"), LOCAL)
+
+
+@pytest.fixture(scope="module")
+def pool_run(tmp_path_factory, local_run):
+    return _chain(tmp_path_factory.mktemp("pool"), POOL)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +95,36 @@ def _without_seconds(obj):
 
 
 def test_ray_gives_the_local_artifacts(local_run, ray_run):
+    _same_artifacts(local_run, ray_run)
+
+
+def test_local_worker_processes_give_the_in_process_artifacts(local_run, pool_run):
+    _same_artifacts(local_run, pool_run)
+    for stage, variants in [("train_variants", ["corner_cases_n20"]), ("adversarial", VARIANTS)]:
+        info = _json(pool_run, "manifest.json")["stages"][stage]["executor"]
+        assert (info["executor"], info["local_workers"], info["threads_per_worker"]) == ("local", 2, 1)
+        assert sorted(info["units"]) == sorted(f"{stage}/{v}_s{s}" for v in variants for s in (0, 1))
+    log = (_res(pool_run) / "logs/units/adversarial/baseline_s1.log").read_text()
+    assert log.startswith("--- attempt 1: unit (adversarial, baseline, seed 1)") and "--- done in" in log
+
+
+def test_a_failing_unit_in_a_worker_process_stops_the_stage_naming_it(pool_run, tmp_path, capsys):
+    import robustness
+
+    root = _fresh_copy(pool_run, tmp_path / "broken")
+    (root / "model" / "smoke" / "corner_cases_n20_s1.pt").write_bytes(b"not a checkpoint")
+    with _OutputRoot(root):
+        assert robustness.main(TINY + POOL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    log = _res(root) / "logs/units/robustness/corner_cases_n20_s1.log"
+    assert len(err) == 1 and err[0].startswith("error: unit (robustness, corner_cases_n20, seed 1) failed: "
+                                               "ArtifactError: "), err
+    assert "cannot load checkpoint" in err[0] and err[0].endswith(f"; log: {log}")
+    assert "Traceback" in log.read_text()
+    assert not _res(root, "robustness.json").exists() and not list(_res(root).glob("variants/*/robustness.*"))
+
+
+def _same_artifacts(local_run, ray_run):
     for v in VARIANTS:
         for seed in (0, 1):
             name = f"{v}_s{seed}.pt"
@@ -181,7 +219,8 @@ def test_executor_keys_change_no_hash_or_stamp(isolated_outputs):
 
     assert all(k in DEFAULTS for k in stage.EXECUTOR_KEYS) and load_config(None)["executor"] == "local"
     local = load_config(None)
-    remote = load_config(None, ["executor=ray", "ray_address=auto", "ray_num_cpus=4", "ray_num_gpus=0.5"])
+    remote = load_config(None, ["executor=ray", "ray_address=auto", "ray_num_cpus=4", "ray_num_gpus=0.5",
+                                "local_workers=3"])
     for name in stage.STAGE_KEYS:
         a, b = stage.stage_config(name, local), stage.stage_config(name, remote)
         assert dict(a) == dict(b) and config_hash(a) == config_hash(b), name
@@ -191,7 +230,7 @@ def test_executor_keys_change_no_hash_or_stamp(isolated_outputs):
         else:
             with pytest.raises(stage.UndeclaredConfigKey):
                 b["executor"]
-    for bad in (["executor=cluster"], ["ray_num_cpus=0"], ["ray_num_gpus=-1"], ["ray_max_retries=-1"],
+    for bad in (["executor=cluster"], ["local_workers=-1"], ["ray_num_cpus=0"], ["ray_num_gpus=-1"], ["ray_max_retries=-1"],
                 ["executor=ray", "device=cuda"]):
         with pytest.raises(ConfigError):
             load_config(None, bad)
