@@ -9,9 +9,11 @@ present, ``adversarial.json``; writes ``variants.json`` (everything, machine-rea
 workflow's two-variant version of the same comparison, ``compare.{json,md,png}``.
 
 For every measure (test accuracy, mean DeepFool radius, ρ_adv, PGD-L∞ accuracy at ``adv_report_eps``,
-PGD-L∞ and PGD-L2 robustness margins):
+PGD-L∞ and PGD-L2 robustness margins, DSA's AUROC for wrong predictions against the model's own
+training inputs):
 - each variant's mean over seeds with a 95% interval (Student t; accuracies: t on the empirical
-  logit, so the interval stays inside [0, 1] — metrics.proportion_ci);
+  logit, so the interval stays inside [0, 1] — metrics.proportion_ci; AUROC: t on the logit,
+  metrics.unit_interval_ci);
 - every variant − baseline, paired by seed: mean difference with its 95% t interval, paired t-test
   and Wilcoxon signed-rank test (exact; with 5 seeds its smallest two-sided p is 0.0625);
 - the contrasts that answer the corner-case question: corner_cases − <other removal rule> at the same
@@ -38,6 +40,7 @@ MEASURES = {
     "pgd_accuracy": ("PGD-L∞ accuracy", "proportion"),
     "pgd_linf_margin": ("PGD-L∞ robustness margin", "continuous"),
     "pgd_l2_margin": ("PGD-L2 robustness margin", "continuous"),
+    "dsa_auroc": ("DSA AUROC (wrong vs right test predictions)", "unit"),
 }
 
 
@@ -52,6 +55,10 @@ def summary_ci(values: list[float], kind: str, totals: list[int] | None) -> dict
         from metrics import proportion_ci
 
         return proportion_ci([int(round(v * n)) for v, n in zip(values, totals)], totals)
+    if kind == "unit":  # a mean of values in [0, 1] (AUROC): t interval on the logit, inside [0, 1]
+        from metrics import unit_interval_ci
+
+        return unit_interval_ci(values)
     return mean_ci(values)
 
 
@@ -83,6 +90,9 @@ def collect(cfg: dict, names: list[str], with_adversarial: bool = True) -> dict:
         values = {"accuracy": [by_seed[s]["test_accuracy"] for s in seeds],
                   "mean_radius": [radius[s] for s in seeds], "rho_adv": [rho[s] for s in seeds]}
         totals = {"accuracy": [by_seed[s].get("n_test", 0) for s in seeds]}
+        auroc = dict(zip(r["seeds"], r.get("dsa_auroc", [])))
+        if all(s in auroc and auroc[s] is not None for s in seeds):  # robustness.json from before: no AUROC
+            values["dsa_auroc"] = [auroc[s] for s in seeds]
         if adv is not None and name in adv["per_model"]:
             pm = {m["seed"]: m for m in adv["per_model"][name]}
             seeds_adv = [s for s in seeds if s in pm]

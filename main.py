@@ -274,11 +274,15 @@ def measure_variants(ctx: stage.Context, trained: dict) -> dict:
     """DeepFool radius of the just-trained models (robustness.py's measurement, same stage name)."""
     from robustness import measure_robustness
 
+    from robustness import dsa_auroc, variant_kept
+
+    kept = variant_kept(ctx, list(trained))
     out = {}
     for v, entry in trained.items():
         out[v] = []
         for seed, model in entry["models"]:
             records, summary = measure_robustness(model, ctx.dataset.x_test, ctx.dataset.y_test, ctx.cfg, ctx.device)
+            summary.update(dsa_auroc(model, ctx.dataset, kept[v.name, seed], ctx.cfg, ctx.device))
             out[v].append((seed, records, summary))
     return out
 

@@ -84,6 +84,35 @@ def measure_robustness(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return records, summarize(records, seconds)
 
 
+def dsa_auroc(model: torch.nn.Module, ds, kept: np.ndarray, cfg: dict, device) -> dict:
+    """How well DSA tells this model's wrong test predictions from its right ones (AUROC), with the
+    model's own training inputs (``kept``: the variant's subset) as DSA's reference — the measure
+    cc_remove.py computes for the baseline models, for any variant. DSA variant and layer are
+    ``cc_variant`` and ``cc_layer`` (the ones that rank the corner cases)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cnnmodel import layer_activations
+    from dif_dsa import dsa
+
+    layer = cfg["cc_layer"]
+    sel = torch.from_numpy(np.asarray(kept, dtype=np.int64))
+    acts = {split: layer_activations(model, x, [layer], cfg["eval_batch_size"], spatial_mean=True, device=device,
+                                     aliases=cfg["layer_aliases"])
+            for split, x in (("train", ds.x_train[sel]), ("test", ds.x_test))}
+    pred = {split: a["__logits__"].argmax(1).numpy() for split, a in acts.items()}
+    labels = {"train": ds.y_train[sel].numpy(), "test": ds.y_test.numpy()}
+    groups = pred if cfg["dsa_group_by"] == "pred" else labels
+    ref = acts["train"][layer].reshape(len(sel), -1).numpy()
+    query = acts["test"][layer].reshape(len(ds.x_test), -1).numpy()
+    scores = dsa(query, ref, groups["test"], groups["train"], variant=cfg["cc_variant"], k=cfg["dsa_k"],
+                 chunk_size=cfg["dsa_chunk_size"], device=device, progress=False).dsa
+    wrong = pred["test"] != labels["test"]
+    ok = np.isfinite(scores)
+    auroc = float(roc_auc_score(wrong[ok], scores[ok])) if 0 < wrong[ok].sum() < ok.sum() else math.nan
+    return {"dsa_auroc": auroc, "dsa_variant": cfg["cc_variant"], "dsa_layer": layer, "n_train_reference": len(sel),
+            "n_test_wrong": int(wrong.sum())}
+
+
 def summarize(records: dict[str, np.ndarray], seconds: float = math.nan) -> dict:
     """Summary of one model's records: over all inputs and over the correctly classified ones."""
     correct = records["label"] == records["pred"]
@@ -183,7 +212,8 @@ def write_measurements(ctx, measured: dict) -> str:
         variants[v.name] = {"across_models": res["across_models"], "deepfool": res["deepfool"],
                             "seeds": [m["seed"] for m in res["models"]],
                             "rho_adv": [m["rho_adv"] for m in res["models"]],
-                            "mean_radius_l2": [m["mean_radius_l2"] for m in res["models"]]}
+                            "mean_radius_l2": [m["mean_radius_l2"] for m in res["models"]],
+                            "dsa_auroc": [m.get("dsa_auroc", math.nan) for m in res["models"]]}
         a = res["across_models"]
         parts.append(f"{v.name} ρ_adv {a['rho_adv']['mean']:.4f}, mean radius {a['mean_radius_l2']['mean']:.4f}, "
                      f"not converged {a['nonconverged_fraction']['mean']:.3f}")
@@ -202,7 +232,8 @@ def measure_trained(ctx, names: list[str] | None = None) -> dict:
 
     targets = [parse_variant_name(n) for n in (names or artifacts.trained_variants(ctx.cfg)[0])]
     pairs = [(v, s) for v in targets for s in artifacts.model_seeds(ctx.cfg)]
-    units = [executor.Unit("robustness", v.name, s, measure_unit) for v, s in pairs]
+    kept = variant_kept(ctx, targets)
+    units = [executor.Unit("robustness", v.name, s, measure_unit, {"kept": kept[v.name, s]}) for v, s in pairs]
     executor.require_checkpoints(ctx.cfg, units)
     executor.run_units(ctx, units, "robustness (variant, seed)")
     out = {}
@@ -212,12 +243,26 @@ def measure_trained(ctx, names: list[str] | None = None) -> dict:
     return out
 
 
+def variant_kept(ctx, targets) -> dict[tuple[str, int], np.ndarray]:
+    """The training indices each (variant, seed) model was trained on (main.kept_indices, from
+    cc_remove.py's subsets.json when a removal variant is among ``targets``)."""
+    from main import kept_indices, load_subsets
+
+    ds = ctx.dataset
+    subsets = load_subsets(ctx.cfg, ds) if any(v.rule != "baseline" for v in targets) else None
+    hint = str(ctx.results / "subsets.json")
+    return {(v.name, s): kept_indices(v, s, subsets, len(ds.x_train), hint)
+            for v in targets for s in artifacts.model_seeds(ctx.cfg)}
+
+
 def measure_unit(ctx, unit) -> None:
-    """One unit: the DeepFool radius of one (variant, seed) model on the test split."""
+    """One unit: the DeepFool radius of one (variant, seed) model on the test split, and DSA's
+    AUROC for its wrong predictions against its own training inputs."""
     import executor
 
     model = executor.load_unit_model(ctx, unit)
     records, summary = measure_robustness(model, ctx.dataset.x_test, ctx.dataset.y_test, ctx.cfg, ctx.device)
+    summary.update(dsa_auroc(model, ctx.dataset, unit.args["kept"], ctx.cfg, ctx.device))
     executor.write_part(ctx, unit, {"summary": summary}, **records)
 
 

@@ -58,7 +58,8 @@ UNIT_STAGES = ("train", "train_variants", "robustness", "adversarial")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train": MODEL_KEYS,                                           # the baseline models
     "train_variants": MODEL_KEYS + VARIANT_KEYS + REGIME_KEYS,     # every other variant
-    "robustness": MODEL_KEYS + VARIANT_KEYS + DEEPFOOL_KEYS,
+    "robustness": MODEL_KEYS + VARIANT_KEYS + DEEPFOOL_KEYS + ("cc_variant", "cc_layer", "dsa_k", "dsa_group_by",
+                                                               "dsa_chunk_size", "layer_aliases"),
     "cc_remove": MODEL_KEYS + VARIANT_KEYS + DSA_KEYS,
     "mutation": MODEL_KEYS + MUTATION_KEYS,
     "conductance": MODEL_KEYS + CONDUCTANCE_KEYS,

@@ -124,6 +124,23 @@ def test_every_artifact_exists_and_agrees(smoke_run):
     assert adv["n_test"] == 100 and adv["variants"] == VARIANTS and adv["not_trained"] == []
 
 
+def test_dsa_auroc_per_variant_is_cc_removes_for_the_baseline(smoke_run):
+    """A variant's DSA AUROC uses its own training inputs as DSA's reference; for the baseline that is
+    the whole training split, so it must equal cc_remove.py's AUROC of the same model, DSA variant and
+    layer (computed there through another code path). The removal variants' references are smaller."""
+    cc = _json(smoke_run, "corner_cases.json")
+    rows = {r["seed"]: r["auroc"] for r in cc["auroc"] if (r["variant"], r["layer"]) == (cc["variant"], cc["layer"])}
+    base = _json(smoke_run, "variants/baseline/robustness.json")["models"]
+    assert [m["seed"] for m in base] == sorted(rows)
+    for m in base:
+        assert m["dsa_auroc"] == pytest.approx(rows[m["seed"]], abs=1e-12)
+        assert (m["dsa_variant"], m["dsa_layer"]) == (cc["variant"], cc["layer"])
+    n_train = _json(smoke_run, "subsets.json")["n_train"]
+    for v in VARIANTS[1:]:
+        for m in _json(smoke_run, f"variants/{v}/robustness.json")["models"]:
+            assert m["n_train_reference"] == n_train - 30 and 0.0 <= m["dsa_auroc"] <= 1.0
+
+
 def test_subsets_and_seed_workflow_comparison(smoke_run):
     kept = _json(smoke_run, "kept_indices.json")
     cc = _json(smoke_run, "corner_cases.json")
@@ -155,8 +172,8 @@ def test_variants_comparison(smoke_run):
     for v in VARIANTS:
         d = var["variants"][v]
         assert set(d["summary"]) == {"accuracy", "mean_radius", "rho_adv", "pgd_accuracy", "pgd_linf_margin",
-                                     "pgd_l2_margin"}
-        for m in ("accuracy", "pgd_accuracy"):  # bounded intervals for proportions
+                                     "pgd_l2_margin", "dsa_auroc"}
+        for m in ("accuracy", "pgd_accuracy", "dsa_auroc"):  # bounded intervals for proportions and AUROC
             s = d["summary"][m]
             assert 0.0 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= 1.0, (v, m, s)
         assert d["per_seed"]["pgd_accuracy"] == [m["attacks"]["pgd_linf"]["accuracy"][j] for m in adv["per_model"][v]]
