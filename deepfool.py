@@ -18,20 +18,26 @@ what DESIGN.md calls the robustness radius:
 Everything is batched: one forward of the active inputs per iteration, then the K−1 candidate
 gradients of the whole active batch; inputs that have converged leave the batch.
 
-Gradient strategy, chosen by measurement (MnistConvNet, 500 MNIST test images, 10 candidates,
-2 CPU cores, torch 2.13 CPU, a shared machine: ±10% between runs):
-  * plain sequential CNNs (nn.Sequential or cnnmodel.NamedCNN of Conv2d/ReLU/MaxPool2d/Flatten/
-    Linear/Dropout) get a hand-written backward, ``_SequentialJacobian``: the K−1 cotangents of
-    every input go through each transposed layer in one call, in the memory layout that layer
-    runs fastest in, and each input's backward restarts at the highest layer whose ReLU/max-pool
-    pattern changed since its last step (an exact reuse: the layers above are the same linear
-    maps). Whole DeepFool run: 1.5 s unclipped, 3.9-4.1 s clipped to [0, 1];
-  * any other model: K−1 ``torch.autograd.grad`` calls over one retained graph, grad_outputs
-    e_k − e_k̂ per row: 1.8 s unclipped, 7.6 s clipped (same run as above).
-Rejected earlier (same machine, gradients of 250-500 inputs): ``is_grads_batched=True`` (its
-conv/max-pool backward rules loop over the vmapped dimension; no faster than the loop),
-``torch.func.vmap(jacrev)`` per input (2-3× slower), one backward over the input replicated
-K−1 times (K−1 forwards; up to 3× slower).
+Gradient strategy (the measurements behind it, per architecture and against foolbox, are printed
+by ``bench/bench_deepfool_archs.py`` and recorded in the README; none are kept here):
+  * any model: ``_AutogradJacobian``. The model's own forward runs on chunks of rows, keeping
+    each chunk's graph, and K−1 ``torch.autograd.grad`` calls per chunk (grad_outputs
+    e_k − e_k̂ per row) give the gradients. While it runs, ``conv2d`` and eval-mode
+    ``batch_norm`` calls are intercepted (a ``TorchFunctionMode``): the forward values are the
+    model's own, convolutions run with channels_last weights (one memory layout through the whole
+    network: mixed layouts are the slowest case), and the backward of these two operations is
+    replaced by the same linear map computed faster (input gradient only: a matrix product and
+    ``fold`` for convolutions with few input channels, a channels_last transposed convolution
+    otherwise; a per-channel product for batch norm). Finished rows leave the graphs by chunk.
+  * plain sequential networks (nn.Sequential or cnnmodel.NamedCNN of Conv2d/ReLU/MaxPool2d/
+    Flatten/Linear/Dropout) get a hand-written backward, ``_SequentialJacobian``: the K−1
+    cotangents of every input go through each transposed layer in one call, and each input's
+    backward restarts at the highest layer whose ReLU/max-pool pattern changed since its last
+    step (an exact reuse: the layers above are the same linear maps), which the generic path
+    cannot do on a graph of unknown structure.
+Rejected (measured): ``is_grads_batched=True`` and ``torch.func.vmap`` over ``vjp`` (their
+convolution and max-pool backward rules loop over the vmapped dimension), one backward over the
+input replicated K−1 times (K−1 forwards).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 # LTS4 adds this to the step length so that the point lands just past the linearised boundary.
 STEP_EPS = 1e-4
@@ -120,31 +127,205 @@ def _check_logits(logits: torch.Tensor, n_expected: int, num_classes: int) -> No
         raise ValueError(f"num_classes: {num_classes} exceeds the model's {logits.shape[1]} logits")
 
 
+def _conv2d_input_grad(g: torch.Tensor, weight: torch.Tensor, in_shape, stride, padding, dilation,
+                       groups: int) -> torch.Tensor:
+    """Gradient of ``conv2d(x, weight)`` w.r.t. ``x`` (shape ``in_shape``) for the cotangent ``g``.
+
+    The same linear map as autograd's convolution backward, computed the way oneDNN runs it faster
+    on CPU (measurements in bench/ and the README): for few input channels (``GROUPED_MAX_IN`` or
+    fewer, e.g. the image layer) as one matrix product with the flattened weight followed by
+    ``fold`` (col2im: each output position's k×k patch of contributions added back onto the
+    input); otherwise as a transposed convolution in channels_last."""
+    c_out, c_in_g, kh, kw = weight.shape
+    if groups == 1 and c_in_g <= GROUPED_MAX_IN:
+        n = g.shape[0]
+        cols = torch.matmul(weight.reshape(c_out, -1).t(), g.reshape(n, c_out, -1))
+        return F.fold(cols, tuple(in_shape[-2:]), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    # output_padding recovers input sizes that a strided convolution maps to the same output size
+    extra = tuple(int(in_shape[2 + d]) - ((int(g.shape[2 + d]) - 1) * stride[d] - 2 * padding[d]
+                                           + dilation[d] * (weight.shape[2 + d] - 1) + 1) for d in range(2))
+    return F.conv_transpose2d(g.contiguous(memory_format=torch.channels_last),
+                              weight.contiguous(memory_format=torch.channels_last), None, stride, padding,
+                              extra, groups, dilation)
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, channels_last: bool) -> torch.Tensor:
+    if not channels_last:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    cl = torch.channels_last
+    out = F.conv2d(x, weight.contiguous(memory_format=cl), bias, stride, padding, dilation, groups)
+    # With one input channel oneDNN keeps NCHW; the layers after it (and their backward, which
+    # gets channels_last cotangents) run much slower on mixed layouts than on one.
+    return out if out.is_contiguous(memory_format=cl) else out.contiguous(memory_format=cl)
+
+
+class _Conv2dInputGrad(torch.autograd.Function):
+    """``conv2d`` whose backward gives the input gradient only (:func:`_conv2d_input_grad`);
+    the weight and bias get none (DeepFool differentiates w.r.t. the input alone)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, channels_last):
+        ctx.save_for_backward(weight)  # the input gradient is linear in the cotangent: no x needed
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return _conv2d(x, weight, bias, stride, padding, dilation, groups, channels_last)
+
+    @staticmethod
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        return (_conv2d_input_grad(g, weight, *ctx.conf),) + (None,) * 7
+
+
+class _BatchNormEvalInputGrad(torch.autograd.Function):
+    """``batch_norm`` with running statistics (eval mode): the forward is ``F.batch_norm`` itself;
+    the backward is its input gradient, the per-channel factor weight/√(var + eps), as one
+    multiplication (autograd's batch-norm backward costs about two and reduces over the batch)."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
+        scale = torch.rsqrt(running_var + eps)
+        if weight is not None:
+            scale = scale * weight
+        ctx.save_for_backward(scale.detach().view((1, -1) + (1,) * (x.dim() - 2)))
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        (scale,) = ctx.saved_tensors
+        return (g * scale,) + (None,) * 5
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+class _FastConvolutions(TorchFunctionMode):
+    """While active, every ``conv2d`` call (``nn.Conv2d`` and ``F.conv2d``, inside any model) runs
+    with its weight in channels_last when ``channels_last`` (oneDNN's faster layout: same values,
+    different rounding order) and, when its input requires a gradient, through
+    :class:`_Conv2dInputGrad`; convolutions with string padding are left as they are. Every
+    eval-mode ``batch_norm`` whose input requires a gradient runs through
+    :class:`_BatchNormEvalInputGrad`. Forward values are those of the model's own calls."""
+
+    def __init__(self, channels_last: bool):
+        super().__init__()
+        self.channels_last = channels_last
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            a = dict(zip(_CONV_ARGS, args), **kwargs)
+            x, w, padding = a["input"], a["weight"], a.get("padding", 0)
+            if not isinstance(padding, str) and w.dim() == 4:
+                stride, dilation = _pair(a.get("stride", 1)), _pair(a.get("dilation", 1))
+                groups, bias = a.get("groups", 1), a.get("bias")
+                if torch.is_grad_enabled() and x.requires_grad:
+                    return _Conv2dInputGrad.apply(x, w, bias, stride, _pair(padding), dilation, groups,
+                                                  self.channels_last)
+                if self.channels_last:
+                    return _conv2d(x, w, bias, stride, _pair(padding), dilation, groups, True)
+        elif func is F.batch_norm and torch.is_grad_enabled():
+            a = dict(zip(_BN_ARGS, args), **kwargs)
+            x, mean, var = a["input"], a["running_mean"], a["running_var"]
+            if (not a.get("training", False) and mean is not None and var is not None and x.requires_grad
+                    and x.dim() >= 2 and not mean.requires_grad and not var.requires_grad):
+                return _BatchNormEvalInputGrad.apply(x, mean, var, a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
+        return func(*args, **kwargs)
+
+
 class _AutogradJacobian:
     """Candidate gradients through autograd: works for any differentiable model.
 
-    ``forward`` keeps the graph of the batch; ``vjp`` runs one backward per candidate over the
-    whole batch (rows are independent, so each row gets its own gradient); parameters' ``.grad``
-    is never touched (``torch.autograd.grad`` w.r.t. the input only).
+    ``forward`` runs the model on chunks of ``GRAPH_CHUNK_ROWS`` inputs and keeps each chunk's
+    graph; ``vjp`` runs, chunk by chunk, one backward per candidate (rows are independent, so
+    each row gets its own gradient). A chunk's saved activations are read K−1 times in a row, so a
+    chunk small enough to stay in cache runs its backward passes faster than one graph of the
+    whole batch. The model's own ``forward`` runs (its hooks, its mode), under
+    :class:`_FastConvolutions`; a model whose forward rejects channels_last activations (e.g. a
+    ``.view`` after a convolution) runs again with them off. Parameters' ``.grad`` is never
+    touched (``torch.autograd.grad`` w.r.t. the input only).
     """
 
-    can_select = False  # a graph cannot be restricted to some rows: they are carried or recomputed
-
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, num_classes: int):
         self.model = model
-        self.x = self.logits = None
+        self.k1 = num_classes - 1
+        self.chunk_rows = GRAPH_CHUNK_ROWS
+        self.chunks: list = []  # [input (requires grad), logits] per chunk of the last forward
+        self.forward_rows = 0   # rows forwarded again by ``select``
+        self.channels_last = True
+
+    def _call(self, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            try:
+                with _FastConvolutions(True):
+                    logits = self.model(x)
+                _check_logits(logits, len(x), num_classes)
+                return logits
+            except (RuntimeError, ValueError):  # rejected channels_last, or a genuine error: see below
+                self.channels_last = False
+        with _FastConvolutions(False):
+            return _forward(self.model, x, len(x), num_classes)
 
     def forward(self, x: torch.Tensor, keep: bool, num_classes: int) -> torch.Tensor:
-        self.x = x.detach().requires_grad_(keep)
-        with torch.set_grad_enabled(keep):
-            self.logits = _forward(self.model, self.x, len(x), num_classes)
-        return self.logits.detach()
+        self.chunks = []
+        if not keep:
+            with torch.no_grad():
+                return self._call(x, num_classes)
+        return torch.cat([self._forward_chunk(x[i:i + self.chunk_rows], num_classes)
+                          for i in range(0, len(x), self.chunk_rows)])
+
+    def _forward_chunk(self, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+        xc = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._call(xc, num_classes)
+        self.chunks.append([xc, logits])
+        return logits.detach()
+
+    def select(self, rows: torch.Tensor) -> torch.Tensor:
+        """Restrict the graphs to ``rows`` (sorted positions in the last forward's batch) as far as
+        pays: a chunk with no such row is dropped; a chunk with finished rows either carries them
+        (K−1 backward rows each) or, when that costs more than forwarding its running rows again
+        (a backward row costs about a forward row), is forwarded again with those only
+        (neighbouring such chunks together). Returns the positions still in the graphs, a sorted
+        superset of ``rows``, in the order of the graphs."""
+        old, self.chunks = self.chunks, []
+        kept, pending, offset = [], [], 0
+        num_classes = self.k1 + 1
+
+        def flush():
+            if pending:
+                x = torch.cat(pending)
+                for i in range(0, len(x), self.chunk_rows):
+                    self._forward_chunk(x[i:i + self.chunk_rows], num_classes)
+                self.forward_rows += len(x)
+                pending.clear()
+
+        for xc, logits in old:
+            n = len(xc)
+            inside = rows[(rows >= offset) & (rows < offset + n)] - offset
+            m = len(inside)
+            if m and m < self.k1 * (n - m):
+                pending.append(xc.detach()[inside])
+                kept.append(inside + offset)
+            elif m:
+                flush()
+                self.chunks.append([xc, logits])
+                kept.append(torch.arange(offset, offset + n, device=rows.device))
+            offset += n
+        flush()
+        return torch.cat(kept)
 
     def vjp(self, grad_outputs: torch.Tensor) -> torch.Tensor:
-        """(N, K−1, C) output cotangents → (N, K−1, *x.shape[1:]) input gradients."""
+        """(N, K−1, C) output cotangents → (N, K−1, *x.shape[1:]) input gradients, rows in the
+        order of the graphs (the last forward's, or the positions ``select`` returned)."""
         k1 = grad_outputs.shape[1]
-        return torch.stack([torch.autograd.grad(self.logits, self.x, grad_outputs[:, j], retain_graph=j < k1 - 1)[0]
-                            for j in range(k1)], dim=1)
+        out, offset = [], 0
+        for xc, logits in self.chunks:
+            go = grad_outputs[offset:offset + len(xc)]
+            out.append(torch.stack([torch.autograd.grad(logits, xc, go[:, j], retain_graph=j < k1 - 1)[0]
+                                    for j in range(k1)], dim=1))
+            offset += len(xc)
+        self.chunks = []  # each graph serves one step: every running row moves after it
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 class _SequentialJacobian:
@@ -153,23 +334,19 @@ class _SequentialJacobian:
     operation is one large call over N·(K−1) rows instead of K−1 calls of N rows. Exact: the same
     linear maps autograd applies (ReLU masks, max-pool argmax routing, transposed weights).
 
-    Layouts, chosen by measurement (MnistConvNet, the transposed operations of 500 inputs × 9
-    candidates, 2 CPU cores, torch 2.13, best of 3):
+    Layouts (each chosen by measurement, see bench/):
     * a convolution with few input channels (``GROUPED_MAX_IN`` or fewer: the image layer) is
-      transposed by one grouped ``conv_transpose2d`` over (N, (K−1)·C_out, H, W) with K−1 groups:
-      0.05 s, against 0.42 s for the ungrouped NCHW call (oneDNN is slow with one output
-      channel); for 250×9 rows, 1, 3 and 8 input channels: grouped 0.037/0.058/0.038 s,
-      channels_last 0.089/0.069/0.016 s;
-    * the other convolutions are transposed in channels_last: 0.20 s against 0.30 s in NCHW
-      (input gradients within 9e-6 of float64 on a 5.1 scale; NCHW 3e-6);
+      transposed by one grouped ``conv_transpose2d`` over (N, (K−1)·C_out, H, W) with K−1 groups
+      (oneDNN is slow with one output channel);
+    * the other convolutions are transposed in channels_last;
     * a non-overlapping max-pool (kernel = stride, no padding, sizes divisible) routes its
       cotangent with one multiply by a 0/1 mask of the argmax positions, built once per forward
       and shared by the candidates (a ReLU just before the pool is folded into it), written
       straight in the layout of the transposed convolution that follows; other pools scatter to
       their argmax.
+    * rows go through the layers in chunks (``SEQUENTIAL_CHUNK_BYTES``) so that the element-wise
+      steps between the products work on data that fits in cache.
     """
-
-    can_select = True  # the saved masks can be restricted to the rows still running
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers
@@ -189,8 +366,7 @@ class _SequentialJacobian:
         self.weights_cl = {i: layers[i].weight.detach().contiguous(memory_format=torch.channels_last)
                            for i, mode in self.conv_mode.items() if mode == "cl"}
         # Linear ← Flatten ← channels_last pool routing: the Linear's transposed product is written
-        # in (h, w, C) order (columns of its weight permuted), so the routing reads it contiguously
-        # (MnistConvNet's second pool: 0.013 s instead of 0.043 s for 4500 rows).
+        # in (h, w, C) order (columns of its weight permuted), so the routing reads it contiguously.
         self.flatten_cl = {}  # Flatten index -> Linear index
         for j, layer in enumerate(layers):
             if isinstance(layer, nn.Flatten):
@@ -203,8 +379,7 @@ class _SequentialJacobian:
                 if (up < len(layers) and isinstance(layers[up], nn.Linear) and down >= 0
                         and self.route_layout.get(down) == "cl"):
                     self.flatten_cl[j] = up
-        # Each Linear's weight, transposed and contiguous: the product g·W as g·(Wᵀ)ᵀ runs ~10% faster
-        # (4500×1000 by 1000×3136: 187 against 167 GFLOP/s).
+        # Each Linear's weight, transposed and contiguous: the product g·W as g·(Wᵀ)ᵀ runs faster.
         self._weight_t = {i: layer.weight.detach().t().contiguous()
                           for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)}
         self._permuted_done: set = set()
@@ -251,8 +426,10 @@ class _SequentialJacobian:
     def forward(self, x: torch.Tensor, keep: bool, num_classes: int) -> torch.Tensor:
         saved = []
         h = x
+        big = 0
         try:
             for i, layer in enumerate(self.layers):
+                big = max(big, math.prod(h.shape[1:]))
                 if isinstance(layer, nn.MaxPool2d):
                     shape = h.shape
                     h, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
@@ -284,6 +461,7 @@ class _SequentialJacobian:
         _check_logits(h, len(x), num_classes)
         self.saved = saved if keep else []
         self._rows, self._device = len(x), x.device
+        self._row_bytes = big * x.element_size()  # the largest activation of one input
         self._start = self._changed_from(self._cache["saved"]) if keep and self._cache is not None else None
         return h
 
@@ -302,13 +480,14 @@ class _SequentialJacobian:
             return ("mask", mask, k)
         return ("scatter", shape, idx, (pooled > 0) if fused else None)
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the state of ``rows`` (positions in the last forward's batch)."""
+    def select(self, rows: torch.Tensor) -> torch.Tensor:
+        """Keep only the state of ``rows`` (sorted positions in the last forward's batch); returns them."""
         self.saved = self._subset(self.saved, rows)
         if self._start is not None:
             self._start = self._start[rows]
         if self._cache is not None:  # the cached rows stay where they are; only the map shrinks
             self._cache["pos"] = self._cache["pos"][rows]
+        return rows
 
     def _changed_from(self, old: list) -> torch.Tensor:
         """Per row of the last forward: the highest layer whose activation pattern (ReLU mask or
@@ -353,37 +532,38 @@ class _SequentialJacobian:
         The cotangents must be those of the last vjp for the same rows (DeepFool's candidates are
         fixed per input). Each row's backward starts at the highest layer whose activation pattern
         changed since the last vjp, from the cotangent cached there; a row with no change keeps its
-        gradients. Exact: unchanged layers are the same linear maps. (In a clipped DeepFool run
-        on MnistConvNet, 500 inputs: of 2,743 row-iterations after the first, 181 reused their
-        gradients, 341 only redid the first pool and convolution and 591 skipped the dense layers.)
+        gradients. Exact: unchanged layers are the same linear maps.
         """
         n, k1 = grad_outputs.shape[:2]
         top = len(self.layers) - 1
         if self._start is None or self._cache is None:  # everything from the output
-            cot = {}
-
-            def keep(i, g):  # (a copy if it lives in a reused buffer)
-                cot[i] = g.clone() if g.data_ptr() in self._workspace_ptrs() else g
-
-            w = self._backward(grad_outputs, top, self.saved, keep)
-            self._cache = {"saved": self.saved, "w": w, "cot": cot,
-                           "pos": torch.arange(n, device=w.device)}
-            self.resumed[top] = self.resumed.get(top, 0) + n * k1
-            return w
+            self._cache = {"w": None, "cot": {top: grad_outputs}, "pos": torch.arange(n, device=grad_outputs.device)}
+            start = torch.full((n,), top, dtype=torch.int64, device=grad_outputs.device)
+        else:
+            start = self._start
         # Cached rows keep their first positions ("pos" maps the current rows to them), so dropping
-        # finished rows copies nothing.
+        # finished rows copies nothing. Rows go through the layers in chunks of ``chunk`` inputs:
+        # the (K−1)-fold cotangents of a whole batch are far larger than the cache, and the
+        # element-wise steps between the products are then bound by memory.
         c = self._cache
-        for level in torch.unique(self._start).tolist():
+        chunk = max(16, SEQUENTIAL_CHUNK_BYTES // max(1, k1 * self._row_bytes))
+        for level in torch.unique(start).tolist():
             if level < 0:  # nothing changed: the cached gradients stand
                 continue
-            rows = (self._start == level).nonzero().squeeze(1)
-            pos = c["pos"][rows]
+            for rows in (start == level).nonzero().squeeze(1).split(chunk):
+                pos = c["pos"][rows]
 
-            def keep(i, g, pos=pos):
-                c["cot"][i][pos] = g
+                def keep(i, g, pos=pos):
+                    if i not in c["cot"]:
+                        c["cot"][i] = g.new_empty((len(c["pos"]),) + tuple(g.shape[1:]))
+                    c["cot"][i][pos] = g
 
-            c["w"][pos] = self._backward(c["cot"][level][pos], level, self._subset(self.saved, rows), keep)
-            self.resumed[level] = self.resumed.get(level, 0) + len(rows) * k1
+                saved = self.saved if len(rows) == len(start) else self._subset(self.saved, rows)
+                w = self._backward(c["cot"][level][pos], level, saved, keep)
+                if c["w"] is None:
+                    c["w"] = w.new_empty((len(c["pos"]),) + tuple(w.shape[1:]))
+                c["w"][pos] = w
+            self.resumed[level] = self.resumed.get(level, 0) + int((start == level).sum()) * k1
         c["saved"] = self.saved
         pos = c["pos"]
         return c["w"] if len(pos) == len(c["w"]) else c["w"][pos]
@@ -391,7 +571,7 @@ class _SequentialJacobian:
     def _backward(self, g: torch.Tensor, first: int, saved: list, keep) -> torch.Tensor:
         """Back-propagate the cotangent ``g`` arriving at the output of layer ``first`` down to the
         input; ``keep(i, cotangent)`` receives the cotangent arriving at each mask layer passed
-        (what a later vjp resumes from)."""
+        (what a later vjp resumes from) and must copy it (it may live in a reused buffer)."""
         n, k1 = g.shape[:2]
         for i in range(first, -1, -1):
             layer, s = self.layers[i], saved[i]
@@ -422,18 +602,12 @@ class _SequentialJacobian:
                 self.flops += (2 * n * k1 * layer.out_channels * out_hw[0] * out_hw[1]
                                * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1])
             # Dropout / Identity: identity in eval mode
-        g = g.contiguous()
-        # the gradients are cached and returned: never in a reused buffer (a first Linear or pool writes one)
-        return g.clone() if g.data_ptr() in self._workspace_ptrs() else g
-
-    def _workspace_ptrs(self) -> set:
-        return {t.data_ptr() for t in self._workspace.values()}
+        return g  # (possibly in a reused buffer: ``vjp`` copies it into its cache at once)
 
     def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         """A tensor of ``shape`` for the large intermediate ``key``, reusing the memory of the last
-        call: large fresh allocations are fresh pages from the OS whose first-touch faults cost as
-        much as the work itself (routing 4500 rows of MnistConvNet's first pool: 0.16 s into fresh
-        memory, 0.07 s into reused). Only for intermediates consumed within one ``vjp``."""
+        call: large fresh allocations are fresh pages from the OS whose first-touch faults can cost
+        as much as the work itself. Only for intermediates consumed within one ``vjp``."""
         need = math.prod(shape)
         buf = self._workspace.get(key)
         if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
@@ -460,6 +634,8 @@ class _SequentialJacobian:
         return out.unflatten(0, (n, k1))
 
 
+GRAPH_CHUNK_ROWS = 128  # rows per autograd graph (_AutogradJacobian)
+SEQUENTIAL_CHUNK_BYTES = 32 << 20  # _SequentialJacobian: (K−1)·inputs·largest activation per chunk
 GROUPED_MAX_IN = 4  # convolutions with at most this many input channels are transposed grouped
 
 
@@ -512,7 +688,7 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
     dev = x0.device
     view = (-1,) + (1,) * (x0.dim() - 1)
     layers = _SequentialJacobian.supports(model)
-    jac = _SequentialJacobian(layers) if layers is not None else _AutogradJacobian(model)
+    jac = _SequentialJacobian(layers) if layers is not None else _AutogradJacobian(model, num_classes)
     rows_before = stats["gradient_rows"]
 
     # Clean forward, keeping what the backward needs: it gives the candidates and the first
@@ -530,21 +706,21 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
     converged = torch.zeros(n, dtype=torch.bool, device=dev)
 
     active = torch.arange(n, device=dev)  # inputs still running (positions in x0)
-    graph_rows = active                   # inputs of the last forward: a superset of active
+    graph_rows = active                   # inputs in the gradient state: a superset of active
     for it in range(1, max_iter + 1):
-        sel = torch.searchsorted(graph_rows, active)
-        if jac.can_select and len(graph_rows) != len(active):
-            jac.select(sel)
-            logits, graph_rows = logits[sel], active
-            sel = torch.arange(len(active), device=dev)
-        # w'_k for the rows of the last forward (a few finished rows may ride along: see below)
+        if len(graph_rows) != len(active):
+            kept = jac.select(torch.searchsorted(graph_rows, active))
+            logits, graph_rows = logits[kept], graph_rows[kept]
+        # w'_k for the rows of the gradient state (a few finished rows may ride along: see select)
         w = jac.vjp(_grad_outputs(cand[graph_rows], n_logits, x0.dtype))
         stats["gradient_rows"] += (num_classes - 1) * len(graph_rows)
+        sel = None
         if len(graph_rows) != len(active):
+            sel = torch.searchsorted(graph_rows, active)
             w = w[sel]
         c = cand[active]
         with torch.no_grad():
-            lg = logits[sel]
+            lg = logits if sel is None else logits[sel]
             f = lg.gather(1, c[:, 1:]) - lg.gather(1, c[:, :1])              # f'_k, (m, K-1)
             w_norm = w.flatten(2).norm(dim=2)                                # ‖w'_k‖, (m, K-1)
             # A zero gradient difference gives no direction: that candidate is never chosen.
@@ -584,17 +760,6 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
             active = active[~done]
             if len(active) == 0:
                 break
-            # Autograd cannot drop rows from a graph. Carrying a finished row costs K−1 backward
-            # rows; re-running the forward for the remaining rows costs about one forward row
-            # each (a backward row costs >= a forward row): re-run only when that is cheaper.
-            n_done = int(done.sum())
-            if not jac.can_select and len(active) < (num_classes - 1) * n_done:
-                again = x0[active] + (1.0 + overshoot) * r_tot[active]
-                if clip is not None:
-                    again = again.clamp(clip[0], clip[1])
-                logits = jac.forward(again, True, num_classes)
-                stats["forward_rows"] += len(active)
-                graph_rows = active
     if isinstance(jac, _SequentialJacobian):
         stats["backward_rows"] += sum(jac.resumed.values())
         stats["backward_flops"] += jac.flops
@@ -604,6 +769,7 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
     else:
         stats["backward_rows"] += stats["gradient_rows"] - rows_before
         stats["backward_flops"] = None
+        stats["forward_rows"] += jac.forward_rows
     perturbation = adversarial - x0 if clip is not None else (1.0 + overshoot) * r_tot
     return perturbation, adversarial, iterations, orig, adv_label, converged
 

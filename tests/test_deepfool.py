@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import artifacts  # noqa: E402
 import robustness  # noqa: E402
 from config import load_config  # noqa: E402
+import deepfool as deepfool_module  # noqa: E402
 from deepfool import _SequentialJacobian, deepfool  # noqa: E402
 
 
@@ -241,6 +242,95 @@ def test_sequential_backward_variants_match_reference(make, size, clip):
         for i, (r_hat, iters, label, k_i) in enumerate(refs):
             np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
             assert (int(out.iterations[i]), int(out.orig_label[i]), int(out.adv_label[i])) == (iters, label, k_i)
+
+
+class ResidualNet(nn.Module):
+    """Not sequential: batch norm with running statistics, a residual block, a strided 1×1
+    projection on a skip connection, average pooling, a functional ReLU."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.proj = nn.Conv2d(4, 6, 1, stride=2)
+        self.fc = nn.Linear(6 * 2 * 2, 5)
+        for bn in (self.bn0, self.bn1):  # non-trivial running statistics and affine parameters
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.2, 0.2)
+        self.double().eval()
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.conv1(h)) + h)
+        h = torch.relu(self.conv2(h) + self.proj(h))
+        return self.fc(torch.flatten(nn.functional.avg_pool2d(h, 2), 1))
+
+
+class ViewAfterConv(nn.Module):
+    """``.view`` on a convolution's output: rejects channels_last activations (the generic path
+    then runs the model with them off)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 3, 3, padding="same")  # string padding: left to the model
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, dilation=1, groups=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+        self.double().eval()
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc(h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("make,seed,clip", [(ResidualNet, 0, None), (ResidualNet, 2, (0.0, 1.0)),
+                                            (ResidualNet, 3, (0.0, 1.0)), (ViewAfterConv, 0, (0.0, 1.0))])
+def test_generic_path_non_sequential_matches_reference_with_small_chunks(make, seed, clip, monkeypatch):
+    model = make(seed)
+    assert _SequentialJacobian.supports(model) is None
+    x = torch.rand(17, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
+    assert len({r[1] for r in refs}) >= 3, "fixture should finish inputs at different iterations"
+    for rows in (3, 8, 128):  # small chunks: graphs dropped, carried and forwarded again as rows finish
+        monkeypatch.setattr(deepfool_module, "GRAPH_CHUNK_ROWS", rows)
+        out = deepfool(model, x, num_classes=4, clip=clip)
+        for i, (r_hat, iters, label, k_i) in enumerate(refs):
+            np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+            assert (int(out.iterations[i]), int(out.orig_label[i]), int(out.adv_label[i])) == (iters, label, k_i)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,padding,dilation,groups,size", [
+    (1, 5, 3, 1, 1, 1, 1, 8), (1, 4, 5, 2, 2, 1, 1, 9), (3, 4, 3, 1, 0, 2, 1, 9),  # few input channels: fold
+    (6, 4, 3, 2, 1, 1, 1, 9), (6, 4, 3, 1, 1, 1, 2, 8), (8, 3, 1, 2, 0, 1, 1, 7)])  # transposed convolution
+def test_conv2d_input_gradient_equals_autograd(c_in, c_out, k, stride, padding, dilation, groups, size):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, c_in, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=torch.float64)
+    y = nn.functional.conv2d(x, w, None, stride, padding, dilation, groups)
+    cot = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad(y, x, cot)[0]
+    got = deepfool_module._conv2d_input_grad(cot, w, x.shape, (stride, stride), (padding, padding),
+                                             (dilation, dilation), groups)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_sequential_chunked_backward_matches_reference(monkeypatch):
+    monkeypatch.setattr(deepfool_module, "SEQUENTIAL_CHUNK_BYTES", 1)  # chunks of 16 inputs
+    model = wide_cnn(seed=1)
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out = deepfool(model, x, num_classes=5, clip=(0.0, 1.0))
+    assert len(out.stats["resumed_at"]) > 1  # backward passes still restart below the top
+    for i in range(len(x)):
+        r_hat, iters, label, k_i = reference_deepfool(model, x[i], 5, 0.02, 50, clip=(0.0, 1.0))
+        np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+        assert (int(out.iterations[i]), int(out.orig_label[i]), int(out.adv_label[i])) == (iters, label, k_i)
 
 
 def test_overlapping_pool_gradient_adds_both_windows():
