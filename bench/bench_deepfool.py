@@ -3,7 +3,7 @@
 Same trained model, same test images, measured in the same process (``--repeats R``: R rounds in
 which every method runs once, the table shows each method's median):
 
-    python bench/bench_deepfool.py [--checkpoint model/default/baseline_s0.pt] [--config configs/default.yaml] [--n 500] [--repeats 3]
+    python bench/bench_deepfool.py [--checkpoint model/default/baseline_s0.pt] [--config configs/default.yaml] [--n 500] [--repeats 3] [--threads 1]
 
 Run it in the bench venv, where the peers are installed (bench/requirements.txt); a peer that is
 not importable is reported as skipped. Prints a markdown table: seconds, ms/image, ρ_adv
@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model checkpoint (default: model/<run>/cnn_s<seed>.pt of the config)")
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--n", type=int, default=500, help="test images attacked (the first n)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the machine is shared); 0 = torch's default")
     p.add_argument("--peers", default="foolbox,art,torchattacks",
                    help="comma-separated peers to run (foolbox, art, torchattacks)")
     p.add_argument("--repeats", type=int, default=1,
