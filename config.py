@@ -83,7 +83,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "lcr_splits": (["val", "test"], "splits whose LCR is computed"),
     # --- conductance (captum LayerConductance; Wu et al. arXiv 1910.00387) --------------------
     "conductance_layer": ("last_conv", "layer whose conductance toward the predicted class is taken"),
-    "conductance_n_steps": (50, "integration steps"),
+    "conductance_n_steps": (25, "integration steps (Gauss-Legendre; completeness error ~1.4% here, 0.7% at 50)"),
     "conductance_baseline": (0.0, "constant pixel value of the baseline image"),
     "conductance_internal_batch_size": (500, "captum internal batch size (bounds memory)"),
     "conductance_splits": (["val", "test"], "splits whose conductance is computed"),
@@ -102,7 +102,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "adv_n_test": (200, "test inputs attacked per model; 0 = the whole test split"),
     "adv_transfer_eps": (0.1, "L-inf eps of the transfer matrix (nearest positive grid value)"),
     "adv_report_eps": (0.1, "L-inf eps at which variant tables report PGD accuracy (nearest grid value)"),
-    "adv_margin_steps": (6, "bisection steps per model refining each PGD robustness margin; 0 = grid only"),
+    "adv_margin_steps": (4, "bisection steps per model refining each PGD robustness margin (to grid step/16); 0 = grid only"),
     # --- training regimes and explanation robustness (Chen et al. arXiv 2403.06013) -----------
     "pgd_at_eps": (0.1, "pgd_at regime: L-inf radius (Madry et al. MNIST 0.3 does not train in a few epochs here)"),
     "pgd_at_steps": (10, "pgd_at regime: PGD steps per mini-batch (Madry et al. MNIST: 40)"),
