@@ -165,24 +165,24 @@ def delta_summary(delta: np.ndarray, f_diff: np.ndarray) -> dict:
             "n": int(delta.size)}
 
 
+def conductance_model(model: nn.Module, x: torch.Tensor, cfg: dict, device) -> dict[str, np.ndarray]:
+    """One model: predictions, per-channel conductance toward the prediction, delta, F(x)−F(x')."""
+    model, x = cnnmodel.channels_last(model, x)  # ~13% faster on CPU, same values up to rounding
+    p = predict(model, x, cfg["eval_batch_size"], device).argmax(1)
+    attr, delta = layer_conductance(
+        model, x, cfg["conductance_layer"], target=p, baseline=cfg["conductance_baseline"],
+        n_steps=cfg["conductance_n_steps"], internal_batch_size=cfg["conductance_internal_batch_size"],
+        device=device, progress=True, aliases=cfg["layer_aliases"])
+    return {"pred": p.numpy().astype(np.int64), "features": channel_features(attr).numpy().astype(np.float32),
+            "delta": delta.numpy().astype(np.float64),
+            "f_diff": endpoint_difference(model, x, p, cfg["conductance_baseline"], cfg["eval_batch_size"],
+                                          device).numpy()}
+
+
 def conductance_split(models, x: torch.Tensor, cfg: dict, device) -> dict[str, np.ndarray]:
-    """Per model: predictions, per-channel conductance toward the prediction, delta, F(x)−F(x')."""
-    pred, feats, deltas, fdiffs = [], [], [], []
-    for seed, model, _meta in tqdm(models, desc="models", leave=False):
-        model, x = cnnmodel.channels_last(model, x)  # ~13% faster on CPU, same values up to rounding
-        p = predict(model, x, cfg["eval_batch_size"], device).argmax(1)
-        attr, delta = layer_conductance(
-            model, x, cfg["conductance_layer"], target=p, baseline=cfg["conductance_baseline"],
-            n_steps=cfg["conductance_n_steps"],
-            internal_batch_size=cfg["conductance_internal_batch_size"], device=device, progress=True,
-            aliases=cfg["layer_aliases"])
-        pred.append(p.numpy().astype(np.int64))
-        feats.append(channel_features(attr).numpy().astype(np.float32))
-        deltas.append(delta.numpy().astype(np.float64))
-        fdiffs.append(endpoint_difference(model, x, p, cfg["conductance_baseline"],
-                                          cfg["eval_batch_size"], device).numpy())
-    return {"pred": np.stack(pred), "features": np.stack(feats), "delta": np.stack(deltas),
-            "f_diff": np.stack(fdiffs)}
+    """``conductance_model`` of every model, stacked (models × inputs × ...)."""
+    per = [conductance_model(model, x, cfg, device) for _seed, model, _meta in tqdm(models, desc="models", leave=False)]
+    return {k: np.stack([p[k] for p in per]) for k in ("pred", "features", "delta", "f_diff")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,13 +195,32 @@ def compute(ctx: stage.Context) -> dict:
         path = artifacts.checkpoint_path(cfg, seed, "baseline")
         if not path.is_file():
             raise artifacts.ArtifactError(f"{path}: no trained model (run `python main.py --config ...` first)")
-    ds = ctx.dataset
-    models = artifacts.load_models(cfg, ds.fingerprint, "baseline", device=device)
-    out = {"seeds": np.array([s for s, _, _ in models], dtype=np.int64), "splits": {}}
+    import executor
+
+    ds, seeds = ctx.dataset, artifacts.model_seeds(cfg)
+    # one unit per model (executor.py: worker processes or Ray); each writes its arrays to a part
+    units = [executor.Unit("conductance", "baseline", s, conductance_unit) for s in seeds]
+    executor.run_units(ctx, units, "conductance (model)")
+    parts = [executor.read_part(ctx, unit)[1] for unit in units]
+    out = {"seeds": np.array(seeds, dtype=np.int64), "splits": {}}
     for split in cfg["conductance_splits"]:
-        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
-        out["splits"][split] = (np.asarray(y, dtype=np.int64), conductance_split(models, x, cfg, device))
+        y = getattr(ds, f"y_{split}")
+        out["splits"][split] = (np.asarray(y, dtype=np.int64),
+                                {k: np.stack([p[f"{split}/{k}"] for p in parts])
+                                 for k in ("pred", "features", "delta", "f_diff")})
     return out
+
+
+def conductance_unit(ctx: stage.Context, unit) -> None:
+    """One baseline model's conductance on every configured split."""
+    import executor
+
+    model = executor.load_unit_model(ctx, unit)
+    arrays = {}
+    for split in ctx.cfg["conductance_splits"]:
+        res = conductance_model(model, getattr(ctx.dataset, f"x_{split}"), ctx.cfg, ctx.device)
+        arrays.update({f"{split}/{k}": v for k, v in res.items()})
+    executor.write_part(ctx, unit, {}, **arrays)
 
 
 def write(ctx: stage.Context, res: dict) -> str:

@@ -53,7 +53,7 @@ ADV_KEYS = ("adv_eps_linf", "adv_eps_l2", "pgd_steps", "pgd_step_size", "pgd_l2_
 # hash, manifest config, Make stamp or checkpoint, so a run under ``executor: ray`` has the same bytes
 # as a local one and switching executor reruns nothing.
 EXECUTOR_KEYS = ("executor", "local_workers", "ray_address", "ray_num_cpus", "ray_num_gpus", "ray_max_retries")
-UNIT_STAGES = ("train", "train_variants", "robustness", "adversarial")
+UNIT_STAGES = ("train", "train_variants", "robustness", "adversarial", "conductance")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train": MODEL_KEYS,                                           # the baseline models
