@@ -152,6 +152,7 @@ def main(argv=None) -> None:
                 adv = fn()
                 b["times"].setdefault(label, []).append(time.perf_counter() - start)
                 b["adv"][label] = adv.detach()
+                print(f"  round {r + 1} {b['name']} {label}: {b['times'][label][-1]:.2f} s", flush=True)
         print(f"round {r + 1}/{args.repeats} done, load average {os.getloadavg()[0]:.2f}", flush=True)
 
     print()
