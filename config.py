@@ -99,7 +99,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "pgd_l2_step_factor": (2.5, "PGD L2 step size = factor * eps / steps"),
     "pgd_random_start": (True, "PGD starts from a uniform random point in the eps-ball"),
     "adv_target_accuracy": (0.5, "robustness margin: smallest eps with accuracy below this"),
-    "adv_n_test": (200, "test inputs attacked per model; 0 = the whole test split"),
+    "adv_n_test": (100, "test inputs attacked per model; 0 = the whole test split"),
     "adv_transfer_eps": (0.1, "L-inf eps of the transfer matrix (nearest positive grid value)"),
     "adv_report_eps": (0.1, "L-inf eps at which variant tables report PGD accuracy (nearest grid value)"),
     "adv_margin_steps": (4, "bisection steps per model refining each PGD robustness margin (to grid step/16); 0 = grid only"),

@@ -17,7 +17,7 @@ def test_every_declared_key_exists():
 
 def test_stage_config_refuses_undeclared_keys():
     cfg = stage.stage_config("adversarial", load_config(None))
-    assert cfg["adv_n_test"] == 200 and "learning_rate" in cfg  # checkpoints are checked against it
+    assert cfg["adv_n_test"] == DEFAULTS["adv_n_test"][0] and "learning_rate" in cfg  # checkpoints are checked against it
     with pytest.raises(stage.UndeclaredConfigKey, match="stage 'adversarial' read config key 'dsa_top'"):
         cfg["dsa_top"]
 
