@@ -102,15 +102,21 @@ def dsa_auroc(model: torch.nn.Module, ds, kept: np.ndarray, cfg: dict, device) -
     pred = {split: a["__logits__"].argmax(1).numpy() for split, a in acts.items()}
     labels = {"train": ds.y_train[sel].numpy(), "test": ds.y_test.numpy()}
     groups = pred if cfg["dsa_group_by"] == "pred" else labels
+    wrong = pred["test"] != labels["test"]
+    out = {"dsa_variant": cfg["cc_variant"], "dsa_layer": layer, "n_train_reference": len(sel),
+           "n_test_wrong": int(wrong.sum())}
+    ref_classes = set(np.unique(groups["train"]).tolist())
+    if len(ref_classes) < 2 or not set(np.unique(groups["test"]).tolist()) <= ref_classes:
+        # DSA is undefined (e.g. an untrained model that predicts one class): no AUROC, said why
+        return {**out, "dsa_auroc": math.nan,
+                "dsa_note": f"DSA undefined: the model's training inputs fall in classes {sorted(ref_classes)}"}
     ref = acts["train"][layer].reshape(len(sel), -1).numpy()
     query = acts["test"][layer].reshape(len(ds.x_test), -1).numpy()
     scores = dsa(query, ref, groups["test"], groups["train"], variant=cfg["cc_variant"], k=cfg["dsa_k"],
                  chunk_size=cfg["dsa_chunk_size"], device=device, progress=False).dsa
-    wrong = pred["test"] != labels["test"]
     ok = np.isfinite(scores)
     auroc = float(roc_auc_score(wrong[ok], scores[ok])) if 0 < wrong[ok].sum() < ok.sum() else math.nan
-    return {"dsa_auroc": auroc, "dsa_variant": cfg["cc_variant"], "dsa_layer": layer, "n_train_reference": len(sel),
-            "n_test_wrong": int(wrong.sum())}
+    return {**out, "dsa_auroc": auroc}
 
 
 def summarize(records: dict[str, np.ndarray], seconds: float = math.nan) -> dict:
