@@ -83,15 +83,6 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
         raise ValueError(f"x: expected pixel values in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]")
 
 
-def _loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """∇_x of the summed cross-entropy (per-input gradients; parameters get no ``.grad``)."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad
-
-
 def _per_input_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm of each input, shaped N×1×...×1 for broadcasting."""
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
@@ -103,7 +94,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     if eps == 0:
         return x.detach().clone()
     with _eval_mode(model):
-        grad = _loss_gradient(model, x, y)
+        grad = _logits_and_gradient(model, x, y)[1]
     return (x.detach() + eps * grad.sign()).clamp(0.0, 1.0)
 
 
