@@ -194,6 +194,29 @@ def update_manifest(cfg: dict, stage: str, seconds: float, fingerprint: str | No
     the resolved config it ran with (``cfg``: the stage's view, see stage.py) with that config's hash.
     Stages never overwrite each other's config; ``config`` at the top level is their union."""
     path = results_dir(cfg) / "manifest.json"
+    with _locked(path):  # stages may finish at once (make reproduce runs independent stages together)
+        return _update_manifest(path, cfg, stage, seconds, fingerprint, extra)
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on ``path``'s ``.lock`` sibling (no lock where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): unlocked; run make reproduce JOBS=1 there
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _update_manifest(path: Path, cfg: dict, stage: str, seconds: float, fingerprint: str | None,
+                     extra: dict | None) -> Path:
     manifest: dict[str, Any] = {}
     if path.is_file():
         try:

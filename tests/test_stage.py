@@ -83,3 +83,26 @@ def test_stage_cli_lists_keys_and_writes_stamps(isolated_outputs, capsys):
     assert stage.main(["stamp", "train", "--config", "configs/smoke.yaml"]) == 0
     assert (isolated_outputs / "results" / "smoke" / ".stamps" / "train.json").is_file()
     assert stage.main(["stamp", "nosuch"]) == 2
+
+
+def _record_stages(args):
+    root, worker, n = args
+    os.environ["PIPELINE_OUTPUT_ROOT"] = root
+    import artifacts
+
+    cfg = {"name": "concurrent_t"}
+    for i in range(n):
+        artifacts.update_manifest(cfg, f"stage_{worker}_{i}", 0.0)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the manifest lock uses fcntl")
+def test_stages_finishing_at_once_keep_every_manifest_entry(isolated_outputs):
+    """make reproduce runs independent stages together: concurrent read-modify-writes of the manifest
+    must not drop each other's entries."""
+    import multiprocessing
+
+    n = 25
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_record_stages, [(str(isolated_outputs), w, n) for w in range(4)])
+    manifest = json.loads((isolated_outputs / "results" / "concurrent_t" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {f"stage_{w}_{i}" for w in range(4) for i in range(n)}
