@@ -109,18 +109,23 @@ def test_local_worker_processes_give_the_in_process_artifacts(local_run, pool_ru
 
 
 def test_a_failing_unit_in_a_worker_process_stops_the_stage_naming_it(pool_run, tmp_path, capsys):
+    _broken_checkpoint_stops_the_stage(pool_run, tmp_path, capsys, POOL, 1, "failed: ArtifactError: ")
+
+
+def _broken_checkpoint_stops_the_stage(run, tmp_path, capsys, opts, seed, failed):
+    """An unreadable checkpoint of one unit: the stage exits 2 with one line naming the unit (then
+    ``failed``) and its log, the log holds the traceback, and the stage wrote none of its files."""
     import robustness
 
-    root = _fresh_copy(pool_run, tmp_path / "broken")
-    (root / "model" / "smoke" / "corner_cases_n20_s1.pt").write_bytes(b"not a checkpoint")
+    root = _fresh_copy(run, tmp_path / "broken")
+    (root / "model" / "smoke" / f"corner_cases_n20_s{seed}.pt").write_bytes(b"not a checkpoint")
     with _OutputRoot(root):
-        assert robustness.main(TINY + POOL) == 2
+        assert robustness.main(TINY + opts) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    log = _res(root) / "logs/units/robustness/corner_cases_n20_s1.log"
-    assert len(err) == 1 and err[0].startswith("error: unit (robustness, corner_cases_n20, seed 1) failed: "
-                                               "ArtifactError: "), err
+    log = _res(root) / f"logs/units/robustness/corner_cases_n20_s{seed}.log"
+    assert len(err) == 1 and err[0].startswith(f"error: unit (robustness, corner_cases_n20, seed {seed}) {failed}"), err
     assert "cannot load checkpoint" in err[0] and err[0].endswith(f"; log: {log}")
-    assert "Traceback" in log.read_text()
+    assert "Traceback" in log.read_text() and "cannot load checkpoint" in log.read_text()
     assert not _res(root, "robustness.json").exists() and not list(_res(root).glob("variants/*/robustness.*"))
 
 
@@ -197,20 +202,7 @@ def test_a_killed_worker_is_rerun_and_the_stage_completes(local_run, ray_run, tm
 
 
 def test_a_unit_that_always_fails_stops_the_stage_naming_it_and_its_log(ray_run, tmp_path, capsys):
-    import robustness
-
-    root = _fresh_copy(ray_run, tmp_path / "broken")
-    (root / "model" / "smoke" / "corner_cases_n20_s0.pt").write_bytes(b"not a checkpoint")
-    with _OutputRoot(root):
-        assert robustness.main(TINY + RAY) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    log = _res(root) / "logs/units/robustness/corner_cases_n20_s0.log"
-    assert len(err) == 1 and err[0].startswith("error: unit (robustness, corner_cases_n20, seed 0) failed after 1 "
-                                               "attempt(s): ArtifactError: "), err
-    assert "cannot load checkpoint" in err[0] and err[0].endswith(f"; log: {log}")
-    assert "Traceback" in log.read_text() and "cannot load checkpoint" in log.read_text()
-    # the stage wrote none of its own files
-    assert not _res(root, "robustness.json").exists() and not list(_res(root).glob("variants/*/robustness.*"))
+    _broken_checkpoint_stops_the_stage(ray_run, tmp_path, capsys, RAY, 0, "failed after 1 attempt(s): ArtifactError: ")
 
 
 def test_executor_keys_change_no_hash_or_stamp(isolated_outputs):
