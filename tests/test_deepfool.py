@@ -220,6 +220,14 @@ def pool_first(seed: int = 0) -> nn.Module:
                          nn.Flatten(), nn.Linear(48, 5)).double().eval()
 
 
+def pool3_cnn(seed: int = 0) -> nn.Module:
+    """Non-overlapping pools other than 2×2 (3×3, then 1×3): the per-offset routing masks."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3),
+                         nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d((1, 3)),
+                         nn.Flatten(), nn.Linear(15, 5)).double().eval()
+
+
 def linear_on_rows(seed: int = 0) -> nn.Module:
     """A Linear acting on the last dimension of an N×1×8×8 input."""
     torch.manual_seed(seed)
@@ -229,12 +237,15 @@ def linear_on_rows(seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("make,size,clip", [(wide_cnn, 8, None), (wide_cnn, 8, (0.0, 1.0)),
                                             (odd_cnn, 10, None), (odd_cnn, 10, (0.0, 1.0)),
                                             (mlp, 8, None), (mlp, 8, (0.0, 1.0)),
-                                            (pool_first, 8, (0.0, 1.0)), (linear_on_rows, 8, None)])
+                                            (pool_first, 8, (0.0, 1.0)), (linear_on_rows, 8, None),
+                                            (pool3_cnn, 9, None), (pool3_cnn, 9, (0.0, 1.0))])
 def test_sequential_backward_variants_match_reference(make, size, clip):
     model = make()
     plan = _SequentialJacobian(_SequentialJacobian.supports(model))
     if make is wide_cnn:  # the test is only worth something if these paths run
         assert set(plan.conv_mode.values()) == {"grouped", "cl"} and plan.flatten_cl
+    if make is pool3_cnn:
+        assert set(plan.route_layout.values()) == {"nchw", "cl"}
     x = torch.rand(14, 1, size, size, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
     for batch_size in (None, 3):
