@@ -28,7 +28,9 @@ by ``bench/bench_deepfool_archs.py`` and recorded in the README; none are kept h
     network: mixed layouts are the slowest case), and the backward of these two operations is
     replaced by the same linear map computed faster (input gradient only: a matrix product and
     ``fold`` for convolutions with few input channels, a channels_last transposed convolution
-    otherwise; a per-channel product for batch norm). Finished rows leave the graphs by chunk.
+    otherwise; a per-channel product for batch norm, or, for a batch norm of a convolution's
+    output, the scale folded into that convolution's transposed weight). Finished rows leave the
+    graphs by chunk.
   * plain sequential networks (nn.Sequential or cnnmodel.NamedCNN of Conv2d/ReLU/MaxPool2d/
     Flatten/Linear/Dropout) get a hand-written backward, ``_SequentialJacobian``: the K−1
     cotangents of every input go through each transposed layer in one call, and each input's
@@ -42,6 +44,7 @@ input replicated K−1 times (K−1 forwards).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -194,6 +197,28 @@ class _BatchNormEvalInputGrad(torch.autograd.Function):
         return (g * scale,) + (None,) * 5
 
 
+class _ConvBatchNormEvalInputGrad(torch.autograd.Function):
+    """``batch_norm`` (running statistics) of a convolution's output, differentiated straight to
+    the convolution's input: the forward is ``F.batch_norm`` of the convolution's output itself;
+    the backward is the convolution's input gradient with the batch-norm scale folded into the
+    weight, weight·γ/√(var + eps) per output channel — one transposed convolution instead of a
+    per-channel product followed by it (eval-mode batch norm is an affine map per channel)."""
+
+    @staticmethod
+    def forward(ctx, x, conv_out, running_mean, running_var, weight, bias, eps, conv_weight, conf):
+        scale = torch.rsqrt(running_var + eps)
+        if weight is not None:
+            scale = scale * weight
+        ctx.save_for_backward(conv_weight.detach() * scale.detach().view((-1,) + (1,) * (conv_weight.dim() - 1)))
+        ctx.conf = conf
+        return F.batch_norm(conv_out, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        (folded,) = ctx.saved_tensors
+        return (_conv2d_input_grad(g, folded, *ctx.conf),) + (None,) * 8
+
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
@@ -209,6 +234,9 @@ class _FastConvolutions(TorchFunctionMode):
     def __init__(self, channels_last: bool):
         super().__init__()
         self.channels_last = channels_last
+        # id(convolution output) -> (weak reference to it, its input, weight, conv arguments):
+        # a batch norm applied to that output is differentiated through both at once
+        self._conv_out: dict = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -219,8 +247,10 @@ class _FastConvolutions(TorchFunctionMode):
                 stride, dilation = _pair(a.get("stride", 1)), _pair(a.get("dilation", 1))
                 groups, bias = a.get("groups", 1), a.get("bias")
                 if torch.is_grad_enabled() and x.requires_grad:
-                    return _Conv2dInputGrad.apply(x, w, bias, stride, _pair(padding), dilation, groups,
-                                                  self.channels_last)
+                    out = _Conv2dInputGrad.apply(x, w, bias, stride, _pair(padding), dilation, groups,
+                                                 self.channels_last)
+                    self._conv_out[id(out)] = (weakref.ref(out), x, w, (x.shape, stride, _pair(padding), dilation, groups))
+                    return out
                 if self.channels_last:
                     return _conv2d(x, w, bias, stride, _pair(padding), dilation, groups, True)
         elif func is F.batch_norm and torch.is_grad_enabled():
@@ -228,6 +258,11 @@ class _FastConvolutions(TorchFunctionMode):
             x, mean, var = a["input"], a["running_mean"], a["running_var"]
             if (not a.get("training", False) and mean is not None and var is not None and x.requires_grad
                     and x.dim() >= 2 and not mean.requires_grad and not var.requires_grad):
+                conv = self._conv_out.get(id(x))
+                if conv is not None and conv[0]() is x:  # the output of a convolution of this forward
+                    _, conv_x, conv_w, conf = conv
+                    return _ConvBatchNormEvalInputGrad.apply(conv_x, x.detach(), mean, var, a.get("weight"),
+                                                             a.get("bias"), a.get("eps", 1e-5), conv_w, conf)
                 return _BatchNormEvalInputGrad.apply(x, mean, var, a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
         return func(*args, **kwargs)
 
