@@ -317,6 +317,29 @@ def test_generic_path_non_sequential_matches_reference_with_small_chunks(make, s
     assert not model.training and all(p.grad is None for p in model.parameters())
 
 
+def test_batch_norm_of_a_convolution_is_folded_into_its_input_gradient(monkeypatch):
+    """The generic path differentiates bn(conv(x)) straight to x (the scale folded into the
+    transposed weight): its candidate gradients equal plain autograd's on the unwrapped model."""
+    calls = []
+    fold = deepfool_module._ConvBatchNormEvalInputGrad.apply
+    monkeypatch.setattr(deepfool_module._ConvBatchNormEvalInputGrad, "apply",
+                        lambda *args: calls.append(1) or fold(*args))
+    model = ResidualNet(1)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    jac = deepfool_module._AutogradJacobian(model, 4)
+    logits = jac.forward(x, True, 4)
+    cand = logits.topk(4, dim=1).indices
+    got = jac.vjp(deepfool_module._grad_outputs(cand, logits.shape[1], x.dtype))
+    assert len(calls) == 2  # bn0(stem(x)) and bn1(conv1(h))
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)  # plain autograd, no interception
+    for i in range(len(x)):
+        for j in range(3):
+            diff = out[i, cand[i, j + 1]] - out[i, cand[i, 0]]
+            (want,) = torch.autograd.grad(diff, xr, retain_graph=True)
+            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("c_in,c_out,k,stride,padding,dilation,groups,size", [
     (1, 5, 3, 1, 1, 1, 1, 8), (1, 4, 5, 2, 2, 1, 1, 9), (3, 4, 3, 1, 0, 2, 1, 9),  # few input channels: fold
     (6, 4, 3, 2, 1, 1, 1, 9), (6, 4, 3, 1, 1, 1, 2, 8), (8, 3, 1, 2, 0, 1, 1, 7)])  # transposed convolution
