@@ -105,10 +105,9 @@ $(RES)/REPORT.md: report.py $(CODE) $(RES)/variants.json $(RES)/detectors.json $
 # JOBS=2 runs two independent stages at once (e.g. train_variants beside mutation and conductance).
 # Not the default: on the 2-core machine it was slower (after 12.3 min, robustness and adversarial
 # had not started; the in-process stages' BLAS/OpenMP threads spin when the cores are oversubscribed:
-# detectors 24 s → 147 s, cc_remove 43 s → 76 s), but a
-# machine with more cores than one stage's units use may gain. Results are the same either way (each
-# stage's threads are fixed by the config, not by the load). With Ray, keep JOBS=1 (each stage may
-# start its own local Ray instance).
+# detectors 24 s → 147 s, cc_remove 43 s → 76 s), but a machine with more cores than one stage's
+# units use may gain. Results are the same either way (each stage's threads are fixed by the
+# config, not by the load). With Ray, keep JOBS=1 (each stage may start its own local Ray instance).
 JOBS       ?= 1
 reproduce:
 	@$(MAKE) --no-print-directory -j$(JOBS) $(RES)/REPORT.md

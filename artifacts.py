@@ -194,7 +194,7 @@ def update_manifest(cfg: dict, stage: str, seconds: float, fingerprint: str | No
     the resolved config it ran with (``cfg``: the stage's view, see stage.py) with that config's hash.
     Stages never overwrite each other's config; ``config`` at the top level is their union."""
     path = results_dir(cfg) / "manifest.json"
-    with _locked(path):  # stages may finish at once (make reproduce runs independent stages together)
+    with _locked(path):  # stages may finish at once (make reproduce JOBS=2, or stages run by hand)
         return _update_manifest(path, cfg, stage, seconds, fingerprint, extra)
 
 

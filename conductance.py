@@ -165,6 +165,9 @@ def delta_summary(delta: np.ndarray, f_diff: np.ndarray) -> dict:
             "n": int(delta.size)}
 
 
+MODEL_ARRAYS = ("pred", "features", "delta", "f_diff")  # what conductance_model returns per model
+
+
 def conductance_model(model: nn.Module, x: torch.Tensor, cfg: dict, device) -> dict[str, np.ndarray]:
     """One model: predictions, per-channel conductance toward the prediction, delta, F(x)−F(x')."""
     model, x = cnnmodel.channels_last(model, x)  # ~13% faster on CPU, same values up to rounding
@@ -179,25 +182,19 @@ def conductance_model(model: nn.Module, x: torch.Tensor, cfg: dict, device) -> d
                                           device).numpy()}
 
 
-def conductance_split(models, x: torch.Tensor, cfg: dict, device) -> dict[str, np.ndarray]:
-    """``conductance_model`` of every model, stacked (models × inputs × ...)."""
-    per = [conductance_model(model, x, cfg, device) for _seed, model, _meta in tqdm(models, desc="models", leave=False)]
-    return {k: np.stack([p[k] for p in per]) for k in ("pred", "features", "delta", "f_diff")}
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 def compute(ctx: stage.Context) -> dict:
-    cfg, device = ctx.cfg, ctx.device
+    cfg, seeds = ctx.cfg, artifacts.model_seeds(ctx.cfg)
     # fail fast (before loading data) with the missing checkpoint's name
-    for seed in artifacts.model_seeds(cfg):
+    for seed in seeds:
         path = artifacts.checkpoint_path(cfg, seed, "baseline")
         if not path.is_file():
             raise artifacts.ArtifactError(f"{path}: no trained model (run `python main.py --config ...` first)")
     import executor
 
-    ds, seeds = ctx.dataset, artifacts.model_seeds(cfg)
+    ds = ctx.dataset
     # one unit per model (executor.py: worker processes or Ray); each writes its arrays to a part
     units = [executor.Unit("conductance", "baseline", s, conductance_unit) for s in seeds]
     executor.run_units(ctx, units, "conductance (model)")
@@ -207,7 +204,7 @@ def compute(ctx: stage.Context) -> dict:
         y = getattr(ds, f"y_{split}")
         out["splits"][split] = (np.asarray(y, dtype=np.int64),
                                 {k: np.stack([p[f"{split}/{k}"] for p in parts])
-                                 for k in ("pred", "features", "delta", "f_diff")})
+                                 for k in MODEL_ARRAYS})
     return out
 
 

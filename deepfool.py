@@ -178,6 +178,12 @@ class _Conv2dInputGrad(torch.autograd.Function):
         return (_conv2d_input_grad(g, weight, *ctx.conf),) + (None,) * 7
 
 
+def _bn_scale(running_var: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """Eval-mode batch norm's per-channel input-gradient factor γ/√(var + eps) (γ = 1 without affine)."""
+    scale = torch.rsqrt(running_var + eps)
+    return (scale if weight is None else scale * weight).detach()
+
+
 class _BatchNormEvalInputGrad(torch.autograd.Function):
     """``batch_norm`` with running statistics (eval mode): the forward is ``F.batch_norm`` itself;
     the backward is its input gradient, the per-channel factor weight/√(var + eps), as one
@@ -185,10 +191,7 @@ class _BatchNormEvalInputGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, eps):
-        scale = torch.rsqrt(running_var + eps)
-        if weight is not None:
-            scale = scale * weight
-        ctx.save_for_backward(scale.detach().view((1, -1) + (1,) * (x.dim() - 2)))
+        ctx.save_for_backward(_bn_scale(running_var, weight, eps).view((1, -1) + (1,) * (x.dim() - 2)))
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
 
     @staticmethod
@@ -206,10 +209,8 @@ class _ConvBatchNormEvalInputGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, conv_out, running_mean, running_var, weight, bias, eps, conv_weight, conf):
-        scale = torch.rsqrt(running_var + eps)
-        if weight is not None:
-            scale = scale * weight
-        ctx.save_for_backward(conv_weight.detach() * scale.detach().view((-1,) + (1,) * (conv_weight.dim() - 1)))
+        scale = _bn_scale(running_var, weight, eps)
+        ctx.save_for_backward(conv_weight.detach() * scale.view((-1,) + (1,) * (conv_weight.dim() - 1)))
         ctx.conf = conf
         return F.batch_norm(conv_out, running_mean, running_var, weight, bias, False, 0.0, eps)
 
