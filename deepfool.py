@@ -399,6 +399,15 @@ class _SequentialJacobian:
                 while j >= 0 and isinstance(layers[j], (nn.ReLU, nn.Dropout, nn.Identity)):
                     j -= 1
                 self.route_layout[i] = "cl" if self.conv_mode.get(j) == "cl" else "nchw"
+        # ReLUs (not folded into a pool) right above a convolution transposed grouped (in NCHW)
+        self.relu_to_nchw = set()
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.ReLU) and not (i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)):
+                j = i - 1
+                while j >= 0 and isinstance(layers[j], (nn.Dropout, nn.Identity)):
+                    j -= 1
+                if self.conv_mode.get(j) == "grouped":
+                    self.relu_to_nchw.add(i)
         self._forward_w = {i: layers[i].weight.detach().contiguous(memory_format=torch.channels_last)
                            for i in self.conv_mode}
         self.weights_cl = {i: self._forward_w[i] for i, mode in self.conv_mode.items() if mode == "cl"}
@@ -626,7 +635,12 @@ class _SequentialJacobian:
                 self.flops += 2 * len(rows) * layer.in_features * layer.out_features
             elif isinstance(layer, nn.ReLU):
                 if s is not None:  # (None: folded into the MaxPool2d that follows it)
-                    g = g * s.unsqueeze(1)
+                    if i in self.relu_to_nchw:  # written straight in the layout the grouped
+                        # transposed convolution below reads (a separate copy otherwise)
+                        out = self._buffer(("relu", i), g.shape, g)
+                        g = torch.mul(g, s.unsqueeze(1), out=out)
+                    else:
+                        g = g * s.unsqueeze(1)
             elif isinstance(layer, nn.Flatten):
                 if i in self.flatten_cl and len(s) == 4:  # g is in (h, w, C) order: see __init__
                     g = g.view(n, k1, s[2], s[3], s[1]).permute(0, 1, 4, 2, 3)
@@ -635,7 +649,7 @@ class _SequentialJacobian:
             elif isinstance(layer, nn.MaxPool2d):
                 if s[0] == "mask":
                     g = _unpool_mask(g, s[1], s[2], self.route_layout[i],
-                                     lambda shape, key=("pool", i), like=g: self._buffer(key, shape, like))
+                                     lambda shape, part="out", key=("pool", i), like=g: self._buffer(key + (part,), shape, like))
                 else:
                     g = _unpool_scatter(g, s)
             elif isinstance(layer, nn.Conv2d):
@@ -689,15 +703,29 @@ def _unpool_mask(g: torch.Tensor, mask: torch.Tensor, kernel: tuple[int, int], l
                  empty=None) -> torch.Tensor:
     """Backward of a non-overlapping max-pool: each pooled cotangent copied over its window and
     multiplied by the 0/1 argmax mask (N, C, H, W), written in ``layout`` ("cl" or "nchw") into
-    ``empty(shape)`` (default: a new tensor)."""
+    ``empty(shape)`` (default: a new tensor; ``empty(shape, "rows")`` for a scratch buffer)."""
     n, k1, c, h, w = g.shape
     kh, kw = kernel
     hh, ww = h * kh, w * kw
-    empty = empty or (lambda shape: g.new_empty(shape))
+    empty = empty or (lambda shape, part="out": g.new_empty(shape))
     if layout == "cl":
         view = empty((n, k1, hh, ww, c)).permute(0, 1, 4, 2, 3)
     else:
         view = empty((n, k1, c, hh, ww))
+        # NCHW: a multiply broadcasting g over both window dimensions would run an inner loop of
+        # kw elements. Instead g is first repeated over the window's columns (one row of the
+        # window), then multiplied with an inner loop over whole output rows. The repeat is a
+        # product with a 0/1 matrix (exact: one nonzero term per output) where matrix products
+        # run in full float32 on CPU, several times faster than a broadcast copy; else a copy.
+        if g.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
+            spread = torch.zeros(w, ww, dtype=g.dtype, device=g.device)
+            spread[torch.arange(w, device=g.device).repeat_interleave(kw), torch.arange(ww, device=g.device)] = 1
+            rows = torch.mm(g.reshape(-1, w), spread, out=empty((n * k1 * c * h, ww), "rows"))
+        else:
+            rows = g.unsqueeze(-1).expand(n, k1, c, h, w, kw)
+        torch.mul(rows.reshape(n, k1, c, h, 1, ww), mask.view(n, 1, c, h, kh, ww),
+                  out=view.view(n, k1, c, h, kh, ww))
+        return view
     torch.mul(g[:, :, :, :, None, :, None], mask.unflatten(2, (h, kh)).unflatten(4, (w, kw)).unsqueeze(1),
               out=view.unflatten(3, (h, kh)).unflatten(5, (w, kw)))
     return view
