@@ -350,9 +350,10 @@ class _AutogradJacobian:
         flush()
         return torch.cat(kept)
 
-    def vjp(self, grad_outputs: torch.Tensor) -> torch.Tensor:
-        """(N, K−1, C) output cotangents → (N, K−1, *x.shape[1:]) input gradients, rows in the
-        order of the graphs (the last forward's, or the positions ``select`` returned)."""
+    def vjp(self, grad_outputs: torch.Tensor):
+        """(N, K−1, C) output cotangents → ``(w, norms, None)``: the (N, K−1, *x.shape[1:]) input
+        gradients and their L2 norms (N, K−1), rows in the order of the graphs (the last
+        forward's, or the positions ``select`` returned); see :meth:`_SequentialJacobian.vjp`."""
         k1 = grad_outputs.shape[1]
         out, offset = [], 0
         for xc, logits in self.chunks:
@@ -361,7 +362,8 @@ class _AutogradJacobian:
                                     for j in range(k1)], dim=1))
             offset += len(xc)
         self.chunks = []  # each graph serves one step: every running row moves after it
-        return torch.cat(out) if len(out) > 1 else out[0]
+        w = torch.cat(out) if len(out) > 1 else out[0]
+        return w, w.flatten(2).norm(dim=2), None
 
 
 class _SequentialJacobian:
@@ -577,8 +579,11 @@ class _SequentialJacobian:
         return out
 
     @torch.no_grad()
-    def vjp(self, grad_outputs: torch.Tensor) -> torch.Tensor:
-        """(N, K−1, C) output cotangents → (N, K−1, *x.shape[1:]) input gradients at the last forward.
+    def vjp(self, grad_outputs: torch.Tensor):
+        """(N, K−1, C) output cotangents → ``(w, norms, idx)``: input gradients at the last forward
+        and their L2 norms (over each candidate's gradient) for row r of the last forward are
+        ``w[idx[r]]`` and ``norms[idx[r]]`` (``idx`` None: row r itself). The gradients stay in
+        the cache they are kept in, so that only the rows and candidates used are ever copied.
 
         The cotangents must be those of the last vjp for the same rows (DeepFool's candidates are
         fixed per input). Each row's backward starts at the highest layer whose activation pattern
@@ -613,11 +618,13 @@ class _SequentialJacobian:
                 w = self._backward(c["cot"][level][pos], level, saved, keep)
                 if c["w"] is None:
                     c["w"] = w.new_empty((len(c["pos"]),) + tuple(w.shape[1:]))
+                    c["norm"] = w.new_empty((len(c["pos"]), k1))
                 c["w"][pos] = w
+                c["norm"][pos] = w.flatten(2).norm(dim=2)
             self.resumed[level] = self.resumed.get(level, 0) + int((start == level).sum()) * k1
         c["saved"] = self.saved
-        pos = c["pos"]
-        return c["w"] if len(pos) == len(c["w"]) else c["w"][pos]
+        pos = c["pos"]  # (sorted; all of the cache's rows when as long as it)
+        return c["w"], c["norm"], None if len(pos) == len(c["w"]) else pos
 
     def _backward(self, g: torch.Tensor, first: int, saved: list, keep) -> torch.Tensor:
         """Back-propagate the cotangent ``g`` arriving at the output of layer ``first`` down to the
@@ -782,24 +789,24 @@ def _deepfool_batch(model: nn.Module, x0: torch.Tensor, num_classes: int, oversh
             kept = jac.select(torch.searchsorted(graph_rows, active))
             logits, graph_rows = logits[kept], graph_rows[kept]
         # w'_k for the rows of the gradient state (a few finished rows may ride along: see select)
-        w = jac.vjp(_grad_outputs(cand[graph_rows], n_logits, x0.dtype))
+        w, norms, idx = jac.vjp(_grad_outputs(cand[graph_rows], n_logits, x0.dtype))
         stats["gradient_rows"] += (num_classes - 1) * len(graph_rows)
         sel = None
         if len(graph_rows) != len(active):
             sel = torch.searchsorted(graph_rows, active)
-            w = w[sel]
+            idx = sel if idx is None else idx[sel]
         c = cand[active]
         with torch.no_grad():
             lg = logits if sel is None else logits[sel]
             f = lg.gather(1, c[:, 1:]) - lg.gather(1, c[:, :1])              # f'_k, (m, K-1)
-            w_norm = w.flatten(2).norm(dim=2)                                # ‖w'_k‖, (m, K-1)
+            w_norm = norms if idx is None else norms[idx]                    # ‖w'_k‖, (m, K-1)
             # A zero gradient difference gives no direction: that candidate is never chosen.
             pert = torch.where(w_norm > 0, f.abs() / w_norm, torch.full_like(f, float("inf")))
             best = pert.argmin(dim=1)                                        # l (first minimum)
             m = len(active)
             rows = torch.arange(m, device=dev)
             pert_l = pert[rows, best]
-            w_l = w[rows, best]
+            w_l = w[rows if idx is None else idx, best]
             norm_l = w_norm[rows, best]
             # Inputs with no usable direction (all gradients equal) cannot move: they stop here.
             stuck = ~torch.isfinite(pert_l)

@@ -329,7 +329,8 @@ def test_batch_norm_of_a_convolution_is_folded_into_its_input_gradient(monkeypat
     jac = deepfool_module._AutogradJacobian(model, 4)
     logits = jac.forward(x, True, 4)
     cand = logits.topk(4, dim=1).indices
-    got = jac.vjp(deepfool_module._grad_outputs(cand, logits.shape[1], x.dtype))
+    got, norms, idx = jac.vjp(deepfool_module._grad_outputs(cand, logits.shape[1], x.dtype))
+    assert idx is None and torch.equal(norms, got.flatten(2).norm(dim=2))
     assert len(calls) == 2  # bn0(stem(x)) and bn1(conv1(h))
     xr = x.clone().requires_grad_(True)
     out = model(xr)  # plain autograd, no interception
@@ -375,8 +376,9 @@ def test_overlapping_pool_gradient_adds_both_windows():
     x = torch.tensor([[[[0.1, 0.2, 0.9, 0.3, 0.0]]]])
     jac = _SequentialJacobian(_SequentialJacobian.supports(pool_model))
     jac.forward(x, True, 2)
-    w = jac.vjp(torch.tensor([[[-1.0, 1.0]]]))  # ∇(f_1 − f_0) = −∇(x_2 + x_2)
-    assert torch.equal(w.flatten(), torch.tensor([0.0, 0.0, -2.0, 0.0, 0.0]))
+    w, norms, idx = jac.vjp(torch.tensor([[[-1.0, 1.0]]]))  # ∇(f_1 − f_0) = −∇(x_2 + x_2)
+    assert idx is None and torch.equal(w.flatten(), torch.tensor([0.0, 0.0, -2.0, 0.0, 0.0]))
+    assert torch.equal(norms, torch.tensor([[2.0]]))
 
 
 def test_clipped_run_resumes_backward_below_the_top_and_stays_exact():
