@@ -563,19 +563,21 @@ class _SequentialJacobian:
                 start[changed] = i
         return start
 
-    def _subset(self, saved: list, rows: torch.Tensor) -> list:
+    def _subset(self, saved: list, rows) -> list:
+        """``saved`` restricted to ``rows`` (a sorted index tensor or a slice)."""
+        count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
         out = []
         for layer, s in zip(self.layers, saved):
             if isinstance(layer, nn.MaxPool2d):
                 if s[0] == "mask":
                     out.append(("mask", s[1][rows], s[2]))
                 else:
-                    out.append(("scatter", torch.Size((len(rows),) + tuple(s[1][1:])), s[2][rows],
+                    out.append(("scatter", torch.Size((count,) + tuple(s[1][1:])), s[2][rows],
                                 None if s[3] is None else s[3][rows]))
             elif isinstance(layer, nn.ReLU):
                 out.append(None if s is None else s[rows])
             else:
-                out.append(torch.Size((len(rows),) + tuple(s[1:])))
+                out.append(torch.Size((count,) + tuple(s[1:])))
         return out
 
     @torch.no_grad()
@@ -607,14 +609,16 @@ class _SequentialJacobian:
             if level < 0:  # nothing changed: the cached gradients stand
                 continue
             for rows in (start == level).nonzero().squeeze(1).split(chunk):
-                pos = c["pos"][rows]
+                # (contiguous ranges as slices: views and plain copies instead of gathers/scatters)
+                pos = _as_index(c["pos"][rows])
+                rows = _as_index(rows)
 
                 def keep(i, g, pos=pos):
                     if i not in c["cot"]:
                         c["cot"][i] = g.new_empty((len(c["pos"]),) + tuple(g.shape[1:]))
                     c["cot"][i][pos] = g
 
-                saved = self.saved if len(rows) == len(start) else self._subset(self.saved, rows)
+                saved = self.saved if isinstance(rows, slice) and rows == slice(0, len(start)) else self._subset(self.saved, rows)
                 w = self._backward(c["cot"][level][pos], level, saved, keep)
                 if c["w"] is None:
                     c["w"] = w.new_empty((len(c["pos"]),) + tuple(w.shape[1:]))
@@ -633,7 +637,7 @@ class _SequentialJacobian:
         n, k1 = g.shape[:2]
         for i in range(first, -1, -1):
             layer, s = self.layers[i], saved[i]
-            if i in self.mask_layers:
+            if i in self.mask_layers and i != first:  # (at ``first`` g came from the cache)
                 keep(i, g)
             if isinstance(layer, nn.Linear):  # (acts on the last dimension of its input, shape s)
                 rows = g.reshape(-1, layer.out_features)
@@ -700,6 +704,14 @@ class _SequentialJacobian:
 GRAPH_CHUNK_ROWS = 128  # rows per autograd graph (_AutogradJacobian)
 SEQUENTIAL_CHUNK_BYTES = 32 << 20  # _SequentialJacobian: (K−1)·inputs·largest activation per chunk
 GROUPED_MAX_IN = 4  # convolutions with at most this many input channels are transposed grouped
+
+
+def _as_index(idx: torch.Tensor):
+    """A sorted 1-D index as a slice when it is a contiguous range, else itself."""
+    n = len(idx)
+    if n and int(idx[-1]) - int(idx[0]) + 1 == n:
+        return slice(int(idx[0]), int(idx[0]) + n)
+    return idx
 
 
 def _pair(v) -> tuple[int, int]:
