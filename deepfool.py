@@ -141,15 +141,32 @@ def _conv2d_input_grad(g: torch.Tensor, weight: torch.Tensor, in_shape, stride, 
     input); otherwise as a transposed convolution in channels_last."""
     c_out, c_in_g, kh, kw = weight.shape
     if groups == 1 and c_in_g <= GROUPED_MAX_IN:
-        n = g.shape[0]
+        n, _, ho, wo = g.shape
         cols = torch.matmul(weight.reshape(c_out, -1).t(), g.reshape(n, c_out, -1))
-        return F.fold(cols, tuple(in_shape[-2:]), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        return _fold(cols.view(n, c_in_g, kh, kw, ho, wo), tuple(in_shape[-2:]), dilation, padding, stride)
     # output_padding recovers input sizes that a strided convolution maps to the same output size
     extra = tuple(int(in_shape[2 + d]) - ((int(g.shape[2 + d]) - 1) * stride[d] - 2 * padding[d]
                                            + dilation[d] * (weight.shape[2 + d] - 1) + 1) for d in range(2))
     return F.conv_transpose2d(g.contiguous(memory_format=torch.channels_last),
                               weight.contiguous(memory_format=torch.channels_last), None, stride, padding,
                               extra, groups, dilation)
+
+
+def _fold(cols: torch.Tensor, size, dilation, padding, stride) -> torch.Tensor:
+    """``F.fold`` (col2im) of ``cols`` (N, C, kh, kw, Ho, Wo) onto an (N, C, *size) image: each
+    output position's kh×kw patch of contributions added back where the convolution read it. One
+    strided add per kernel tap into a zero-padded image, several times faster on CPU than
+    ``F.fold`` (its sums in the same order: taps in row-major order)."""
+    n, c, kh, kw, ho, wo = cols.shape
+    (dh, dw), (ph, pw), (sh, sw) = dilation, padding, stride
+    h, w = size
+    # the padded image spans every position read: (k − 1)·d + s·(o − 1) + 1 ≤ size + 2·pad
+    out = cols.new_zeros(n, c, max(h + 2 * ph, (kh - 1) * dh + sh * (ho - 1) + 1),
+                         max(w + 2 * pw, (kw - 1) * dw + sw * (wo - 1) + 1))
+    for u in range(kh):
+        for v in range(kw):
+            out[:, :, u * dh:u * dh + sh * (ho - 1) + 1:sh, v * dw:v * dw + sw * (wo - 1) + 1:sw] += cols[:, :, u, v]
+    return out[:, :, ph:ph + h, pw:pw + w]
 
 
 def _conv2d(x, weight, bias, stride, padding, dilation, groups, channels_last: bool) -> torch.Tensor:
