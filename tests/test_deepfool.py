@@ -228,6 +228,15 @@ def pool3_cnn(seed: int = 0) -> nn.Module:
                          nn.Flatten(), nn.Linear(15, 5)).double().eval()
 
 
+def rect_cnn(seed: int = 0) -> nn.Module:
+    """Two convolutions with few input channels (both transposed grouped, in NCHW): a ReLU mask
+    written straight in NCHW, and a 1×2 pool routed in NCHW (the cotangent repeated over the
+    window's columns by a product)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(3 * 8 * 4, 5)).double().eval()
+
+
 def linear_on_rows(seed: int = 0) -> nn.Module:
     """A Linear acting on the last dimension of an N×1×8×8 input."""
     torch.manual_seed(seed)
@@ -238,7 +247,8 @@ def linear_on_rows(seed: int = 0) -> nn.Module:
                                             (odd_cnn, 10, None), (odd_cnn, 10, (0.0, 1.0)),
                                             (mlp, 8, None), (mlp, 8, (0.0, 1.0)),
                                             (pool_first, 8, (0.0, 1.0)), (linear_on_rows, 8, None),
-                                            (pool3_cnn, 9, None), (pool3_cnn, 9, (0.0, 1.0))])
+                                            (pool3_cnn, 9, None), (pool3_cnn, 9, (0.0, 1.0)),
+                                            (rect_cnn, 8, None), (rect_cnn, 8, (0.0, 1.0))])
 def test_sequential_backward_variants_match_reference(make, size, clip):
     model = make()
     plan = _SequentialJacobian(_SequentialJacobian.supports(model))
@@ -246,6 +256,8 @@ def test_sequential_backward_variants_match_reference(make, size, clip):
         assert set(plan.conv_mode.values()) == {"grouped", "cl"} and plan.flatten_cl
     if make is pool3_cnn:
         assert set(plan.route_layout.values()) == {"nchw", "cl"}
+    if make is rect_cnn:
+        assert plan.relu_to_nchw == {1} and plan.route_layout == {4: "nchw"}
     x = torch.rand(14, 1, size, size, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
     for batch_size in (None, 3):
