@@ -22,21 +22,23 @@ Gradient strategy (the measurements behind it, per architecture and against fool
 by ``bench/bench_deepfool_archs.py`` and recorded in the README; none are kept here):
   * any model: ``_AutogradJacobian``. The model's own forward runs on chunks of rows, keeping
     each chunk's graph, and K−1 ``torch.autograd.grad`` calls per chunk (grad_outputs
-    e_k − e_k̂ per row) give the gradients. While it runs, ``conv2d`` and eval-mode
-    ``batch_norm`` calls are intercepted (a ``TorchFunctionMode``): the forward values are the
+    e_k − e_k̂ per row) give the gradients. While it runs, ``conv2d``, eval-mode ``batch_norm``
+    and ``avg_pool2d`` calls are intercepted (a ``TorchFunctionMode``): the forward values are the
     model's own, convolutions run with channels_last weights (one memory layout through the whole
-    network: mixed layouts are the slowest case), and the backward of these two operations is
+    network: mixed layouts are the slowest case), and the backward of these operations is
     replaced by the same linear map computed faster (input gradient only: a matrix product and
-    ``fold`` for convolutions with few input channels, a channels_last transposed convolution
-    otherwise; a per-channel product for batch norm, or, for a batch norm of a convolution's
-    output, the scale folded into that convolution's transposed weight). Finished rows leave the
-    graphs by chunk.
+    one strided add per kernel tap for convolutions with few input channels, a channels_last
+    transposed convolution otherwise; a per-channel product for batch norm, or, for a batch norm
+    of a convolution's output, the scale folded into that convolution's transposed weight; the
+    average pool's backward on a channels_last cotangent). Finished rows leave the graphs by
+    chunk.
   * plain sequential networks (nn.Sequential or cnnmodel.NamedCNN of Conv2d/ReLU/MaxPool2d/
     Flatten/Linear/Dropout) get a hand-written backward, ``_SequentialJacobian``: the K−1
     cotangents of every input go through each transposed layer in one call, and each input's
     backward restarts at the highest layer whose ReLU/max-pool pattern changed since its last
     step (an exact reuse: the layers above are the same linear maps), which the generic path
-    cannot do on a graph of unknown structure.
+    cannot do on a graph of unknown structure. Its forward runs in channels_last too (CPU
+    max-pooling is several times faster there).
 Rejected (measured): ``is_grads_batched=True`` and ``torch.func.vmap`` over ``vjp`` (their
 convolution and max-pool backward rules loop over the vmapped dimension), one backward over the
 input replicated K−1 times (K−1 forwards).
@@ -137,7 +139,7 @@ def _conv2d_input_grad(g: torch.Tensor, weight: torch.Tensor, in_shape, stride, 
     The same linear map as autograd's convolution backward, computed the way oneDNN runs it faster
     on CPU (measurements in bench/ and the README): for few input channels (``GROUPED_MAX_IN`` or
     fewer, e.g. the image layer) as one matrix product with the flattened weight followed by
-    ``fold`` (col2im: each output position's k×k patch of contributions added back onto the
+    :func:`_fold` (col2im: each output position's k×k patch of contributions added back onto the
     input); otherwise as a transposed convolution in channels_last."""
     c_out, c_in_g, kh, kw = weight.shape
     if groups == 1 and c_in_g <= GROUPED_MAX_IN:
