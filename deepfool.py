@@ -509,10 +509,11 @@ class _SequentialJacobian:
         for layer in layers:
             if layer._forward_hooks or layer._forward_pre_hooks:
                 return None
-            if isinstance(layer, nn.Conv2d):
+            # exact types: a subclass may override forward, which the hand-written path would ignore
+            if type(layer) is nn.Conv2d:
                 if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                     return None
-            elif isinstance(layer, nn.Flatten):
+            elif type(layer) is nn.Flatten:
                 if layer.start_dim != 1 or layer.end_dim != -1:
                     return None
             elif type(layer) not in (nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity):
@@ -783,20 +784,32 @@ def _unpool_mask(g: torch.Tensor, mask: torch.Tensor, kernel: tuple[int, int], l
         # NCHW: a multiply broadcasting g over both window dimensions would run an inner loop of
         # kw elements. Instead g is first repeated over the window's columns (one row of the
         # window), then multiplied with an inner loop over whole output rows. The repeat is a
-        # product with a 0/1 matrix (exact: one nonzero term per output) where matrix products
-        # run in full float32 on CPU, several times faster than a broadcast copy; else a copy.
-        if g.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
+        # product with a 0/1 matrix where that is exact (one nonzero term per output: CPU, float64
+        # or float32 products in full precision; a non-finite cotangent would spread along its
+        # row), the fastest way on CPU; else a gather of the columns.
+        cols = torch.arange(w, device=g.device).repeat_interleave(kw)
+        buffer = empty((n * k1 * c * h, ww), "rows")
+        if g.device.type == "cpu" and (g.dtype == torch.float64
+                                       or (g.dtype == torch.float32 and _exact_float32_products())):
             spread = torch.zeros(w, ww, dtype=g.dtype, device=g.device)
-            spread[torch.arange(w, device=g.device).repeat_interleave(kw), torch.arange(ww, device=g.device)] = 1
-            rows = torch.mm(g.reshape(-1, w), spread, out=empty((n * k1 * c * h, ww), "rows"))
+            spread[cols, torch.arange(ww, device=g.device)] = 1
+            rows = torch.mm(g.reshape(-1, w), spread, out=buffer)
         else:
-            rows = g.unsqueeze(-1).expand(n, k1, c, h, w, kw)
+            rows = torch.index_select(g.reshape(-1, w), 1, cols, out=buffer)
         torch.mul(rows.reshape(n, k1, c, h, 1, ww), mask.view(n, 1, c, h, kh, ww),
                   out=view.view(n, k1, c, h, kh, ww))
         return view
     torch.mul(g[:, :, :, :, None, :, None], mask.unflatten(2, (h, kh)).unflatten(4, (w, kw)).unsqueeze(1),
               out=view.unflatten(3, (h, kh)).unflatten(5, (w, kw)))
     return view
+
+
+def _exact_float32_products() -> bool:
+    """Whether float32 matrix products on CPU run in full precision (no TF32/bfloat16 rounding)."""
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # per-backend ``fp32_precision`` settings are in use: do not rely on it
+        return False
 
 
 def _unpool_scatter(g: torch.Tensor, state) -> torch.Tensor:

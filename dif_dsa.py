@@ -150,13 +150,26 @@ def _as_index_array(name: str, a, n: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def _highest_matmul_precision():
-    """The error bound assumes IEEE float32 products: no TF32/bf16 shortcuts while screening."""
-    previous = torch.get_float32_matmul_precision()
+    """The error bound assumes IEEE float32 products: no TF32/bf16 shortcuts while screening.
+    Restores either the legacy setting or, when per-backend ``fp32_precision`` settings are in use
+    (the legacy getter then raises), those."""
+    try:
+        previous = torch.get_float32_matmul_precision()
+        backends = None
+    except RuntimeError:
+        previous = None
+        backends = [(obj, obj.fp32_precision) for obj in
+                    (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+                    if hasattr(obj, "fp32_precision")]
     torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        if backends is None:
+            torch.set_float32_matmul_precision(previous)
+        else:
+            for obj, value in backends:
+                obj.fp32_precision = value
 
 
 # ---------------------------------------------------------------------------------------------

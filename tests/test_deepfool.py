@@ -233,8 +233,8 @@ def rect_cnn(seed: int = 0) -> nn.Module:
     written straight in NCHW, and a 1×2 pool routed in NCHW (the cotangent repeated over the
     window's columns by a product)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(3 * 8 * 4, 5)).double().eval()
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 3, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(3 * 8 * 4, 5)).double().eval()
 
 
 def linear_on_rows(seed: int = 0) -> nn.Module:
@@ -257,7 +257,7 @@ def test_sequential_backward_variants_match_reference(make, size, clip):
     if make is pool3_cnn:
         assert set(plan.route_layout.values()) == {"nchw", "cl"}
     if make is rect_cnn:
-        assert plan.relu_to_nchw == {1} and plan.route_layout == {4: "nchw"}
+        assert plan.relu_to_nchw == {1} and plan.route_layout == {5: "nchw"}
     x = torch.rand(14, 1, size, size, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
     for batch_size in (None, 3):
@@ -366,6 +366,126 @@ def test_conv2d_input_gradient_equals_autograd(c_in, c_out, k, stride, padding, 
     got = deepfool_module._conv2d_input_grad(cot, w, x.shape, (stride, stride), (padding, padding),
                                              (dilation, dilation), groups)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,size", [
+    ((2, 3), (2, 1), (1, 0), (1, 2), (9, 8)), ((3, 1), (1, 3), (0, 2), (2, 1), (7, 10)),
+    ((1, 1), (2, 2), (0, 0), (1, 1), (5, 6)), ((2, 2), (3, 3), (0, 0), (1, 1), (8, 8))])
+def test_fold_by_strided_adds_equals_torch_fold(kernel, stride, padding, dilation, size):
+    """_fold (one strided add per kernel tap) against F.fold on non-square, per-axis settings,
+    including strides larger than the kernel (positions no window reads stay zero)."""
+    n, c = 2, 3
+    ho, wo = (math.floor((size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) / stride[d]) + 1
+              for d in range(2))
+    cols = torch.randn(n, c, kernel[0], kernel[1], ho, wo, generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)
+    expected = nn.functional.fold(cols.reshape(n, c * kernel[0] * kernel[1], ho * wo), size, kernel,
+                                  dilation=dilation, padding=padding, stride=stride)
+    got = deepfool_module._fold(cols, size, dilation, padding, stride)
+    assert torch.equal(got, expected)
+
+
+def _routed_by_loops(g: torch.Tensor, mask: torch.Tensor, kernel) -> torch.Tensor:
+    """Max-pool routing written plainly: each pooled cotangent copied over its window, times the mask."""
+    n, k1, c, h, w = g.shape
+    kh, kw = kernel
+    out = torch.zeros(n, k1, c, h * kh, w * kw, dtype=g.dtype)
+    for i in range(h):
+        for j in range(w):
+            out[..., i * kh:(i + 1) * kh, j * kw:(j + 1) * kw] = g[..., i:i + 1, j:j + 1]
+    return out * mask.unsqueeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("precision", ["default", "legacy high", "per-backend tf32"])
+def test_nchw_pool_routing_is_exact_under_any_matmul_precision(dtype, precision):
+    """The NCHW routing repeats the cotangent by a 0/1 product only where products are exact,
+    else by a gather; either way it equals plain routing, and no precision setting breaks it
+    (the legacy getter raises once a per-backend ``fp32_precision`` is set)."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(2, 3, 4, 3, 5, generator=gen, dtype=dtype)
+    mask = (torch.rand(2, 4, 6, 10, generator=gen) > 0.6).to(dtype)
+    expected = _routed_by_loops(g, mask, (2, 2))
+    model, x = rect_cnn().to(dtype), torch.rand(3, 1, 8, 8, generator=gen, dtype=dtype)
+    before = deepfool(model, x, num_classes=4)
+    try:
+        if precision == "legacy high":
+            torch.set_float32_matmul_precision("high")
+        elif precision == "per-backend tf32":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        got = deepfool_module._unpool_mask(g, mask, (2, 2), "nchw")
+        assert torch.equal(got, expected)
+        out = deepfool(model, x, num_classes=4)  # runs (float32 products elsewhere may round differently)
+        assert torch.isfinite(out.perturbation).all()
+        if dtype == torch.float64:  # no setting touches float64 products
+            assert torch.equal(out.perturbation, before.perturbation)
+            assert torch.equal(out.iterations, before.iterations)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_conv2d_subclass_with_its_own_forward_takes_the_generic_path():
+    """The hand-written path reproduces plain Conv2d only: a subclass overriding forward (here a
+    weight standardisation) must run through autograd, and match the reference."""
+
+    class StandardisedConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+            return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    torch.manual_seed(1)
+    model = nn.Sequential(StandardisedConv(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 6 * 6, 4)).double().eval()
+    assert _SequentialJacobian.supports(model) is None
+    x = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out = deepfool(model, x, num_classes=4)
+    for i in range(len(x)):
+        r_hat, iters, label, k_i = reference_deepfool(model, x[i], 4, 0.02, 50)
+        np.testing.assert_allclose(out.perturbation[i].numpy(), r_hat.numpy(), atol=1e-5, rtol=0)
+        assert (int(out.iterations[i]), int(out.orig_label[i]), int(out.adv_label[i])) == (iters, label, k_i)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=2, ceil_mode=True),
+    dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1), count_include_pad=False),
+    dict(kernel_size=2, stride=1, divisor_override=3)])
+def test_generic_path_average_pool_gradient_equals_autograd(opts):
+    """The channels_last average-pool backward of the generic path, for every pooling option,
+    against plain autograd's candidate gradients."""
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.conv = nn.Conv2d(1, 6, 3, padding=1)
+            self.fc = nn.LazyLinear(4)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.avg_pool2d(torch.relu(self.conv(x)), **opts), 1))
+
+    model = Pooled().double()
+    x = torch.rand(5, 1, 7, 9, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    model.eval()
+    calls = []
+    fn = deepfool_module._AvgPool2dChannelsLastGrad.apply
+    try:
+        deepfool_module._AvgPool2dChannelsLastGrad.apply = lambda *a: calls.append(1) or fn(*a)
+        jac = deepfool_module._AutogradJacobian(model, 4)
+        logits = jac.forward(x, True, 4)
+        cand = logits.topk(4, dim=1).indices
+        got, _, _ = jac.vjp(deepfool_module._grad_outputs(cand, 4, x.dtype))
+    finally:
+        deepfool_module._AvgPool2dChannelsLastGrad.apply = fn
+    assert calls  # the channels_last pool ran
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    for i in range(len(x)):
+        for j in range(3):
+            (want,) = torch.autograd.grad(out[i, cand[i, j + 1]] - out[i, cand[i, 0]], xr, retain_graph=True)
+            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
 
 
 def test_sequential_chunked_backward_matches_reference(monkeypatch):

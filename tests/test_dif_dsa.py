@@ -349,3 +349,20 @@ def test_bad_inputs_raise_clear_errors():
     for variant in ("sadl", "centroid_knn"):
         with pytest.raises(ValueError, match="query 0: class 2 has no reference point other than"):
             dsa(x, x, lonely, lonely, variant, self_index=np.arange(20), progress=False)
+
+
+def test_highest_precision_scope_restores_per_backend_settings():
+    """With a per-backend fp32_precision set (the legacy getter then raises), the screening still
+    runs in IEEE float32 and leaves that setting as it found it."""
+    import dif_dsa
+
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        with dif_dsa._highest_matmul_precision():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    assert torch.get_float32_matmul_precision() == "highest"
