@@ -442,23 +442,18 @@ class _SequentialJacobian:
         self._workspace: dict = {}
         self.conv_mode = {i: "grouped" if layer.in_channels // layer.groups <= GROUPED_MAX_IN else "cl"
                           for i, layer in enumerate(layers) if isinstance(layer, nn.Conv2d)}
+        # ReLUs right before a max-pool: applied after it in the forward, their mask folded into
+        # the pool's routing (see ``forward``)
+        self.relu_into_pool = {i for i, layer in enumerate(layers)
+                               if isinstance(layer, nn.ReLU) and i + 1 < len(layers)
+                               and isinstance(layers[i + 1], nn.MaxPool2d)}
         # The layout a max-pool writes its routed cotangent in: that of the convolution below it.
-        self.route_layout = {}
-        for i, layer in enumerate(layers):
-            if isinstance(layer, nn.MaxPool2d):
-                j = i - 1
-                while j >= 0 and isinstance(layers[j], (nn.ReLU, nn.Dropout, nn.Identity)):
-                    j -= 1
-                self.route_layout[i] = "cl" if self.conv_mode.get(j) == "cl" else "nchw"
+        self.route_layout = {i: "cl" if self.conv_mode.get(_next_layer(layers, i, -1, nn.ReLU)) == "cl" else "nchw"
+                             for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)}
         # ReLUs (not folded into a pool) right above a convolution transposed grouped (in NCHW)
-        self.relu_to_nchw = set()
-        for i, layer in enumerate(layers):
-            if isinstance(layer, nn.ReLU) and not (i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)):
-                j = i - 1
-                while j >= 0 and isinstance(layers[j], (nn.Dropout, nn.Identity)):
-                    j -= 1
-                if self.conv_mode.get(j) == "grouped":
-                    self.relu_to_nchw.add(i)
+        self.relu_to_nchw = {i for i, layer in enumerate(layers)
+                             if isinstance(layer, nn.ReLU) and i not in self.relu_into_pool
+                             and self.conv_mode.get(_next_layer(layers, i, -1)) == "grouped"}
         self._forward_w = {i: layers[i].weight.detach().contiguous(memory_format=torch.channels_last)
                            for i in self.conv_mode}
         self.weights_cl = {i: self._forward_w[i] for i, mode in self.conv_mode.items() if mode == "cl"}
@@ -467,12 +462,7 @@ class _SequentialJacobian:
         self.flatten_cl = {}  # Flatten index -> Linear index
         for j, layer in enumerate(layers):
             if isinstance(layer, nn.Flatten):
-                up = j + 1
-                while up < len(layers) and isinstance(layers[up], (nn.Dropout, nn.Identity)):
-                    up += 1
-                down = j - 1
-                while down >= 0 and isinstance(layers[down], (nn.Dropout, nn.Identity)):
-                    down -= 1
+                up, down = _next_layer(layers, j, 1), _next_layer(layers, j, -1)
                 if (up < len(layers) and isinstance(layers[up], nn.Linear) and down >= 0
                         and self.route_layout.get(down) == "cl"):
                     self.flatten_cl[j] = up
@@ -484,8 +474,7 @@ class _SequentialJacobian:
         # and max-pools. The backward is resumed at these from cached cotangents (see ``vjp``).
         self.mask_layers = [i for i, layer in enumerate(layers)
                             if isinstance(layer, nn.MaxPool2d)
-                            or (isinstance(layer, nn.ReLU)
-                                and not (i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)))]
+                            or (isinstance(layer, nn.ReLU) and i not in self.relu_into_pool)]
         self.flops = 0          # multiply-adds ×2 of the transposed Linear/Conv2d layers run so far
         self.resumed = {}       # layer -> rows (× candidates) whose backward resumed there
         self._cache = None      # state of the last vjp (rows aligned with ``saved``), see ``vjp``
@@ -535,12 +524,12 @@ class _SequentialJacobian:
                     # ReLU → MaxPool runs as MaxPool → ReLU (max commutes with the monotone ReLU,
                     # and a window whose argmax differs has a max <= 0, masked either way): the
                     # ReLU mask at the routed position is (pooled > 0), applied at the pooled size.
-                    fused = i > 0 and isinstance(self.layers[i - 1], nn.ReLU)
+                    fused = i - 1 in self.relu_into_pool
                     if fused:
                         h = F.relu(h)
                     saved.append(self._pool_state(i, layer, shape, h, idx, fused) if keep else None)
                 elif isinstance(layer, nn.ReLU):
-                    before_pool = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], nn.MaxPool2d)
+                    before_pool = i in self.relu_into_pool
                     if not before_pool:  # (else applied after the pool)
                         h = F.relu(h)
                     saved.append(None if before_pool or not keep else h > 0)
@@ -754,6 +743,16 @@ class _SequentialJacobian:
 GRAPH_CHUNK_ROWS = 128  # rows per autograd graph (_AutogradJacobian)
 SEQUENTIAL_CHUNK_BYTES = 32 << 20  # _SequentialJacobian: (K−1)·inputs·largest activation per chunk
 GROUPED_MAX_IN = 4  # convolutions with at most this many input channels are transposed grouped
+
+
+def _next_layer(layers: list[nn.Module], i: int, step: int, *skip: type) -> int:
+    """The index of the nearest layer from ``i`` in direction ``step`` (−1: towards the input) that
+    is not an identity in eval mode (Dropout, Identity) nor of a type in ``skip``; −1 or
+    ``len(layers)`` past the end."""
+    j = i + step
+    while 0 <= j < len(layers) and isinstance(layers[j], (nn.Dropout, nn.Identity) + skip):
+        j += step
+    return j
 
 
 def _as_index(idx: torch.Tensor):
