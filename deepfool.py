@@ -45,6 +45,7 @@ input replicated K−1 times (K−1 forwards).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -431,6 +432,9 @@ class _SequentialJacobian:
       and shared by the candidates (a ReLU just before the pool is folded into it), written
       straight in the layout of the transposed convolution that follows; other pools scatter to
       their argmax.
+    * a non-overlapping max-pool above a few-channel convolution of stride 1 (the image layer of
+      most CNNs) does its routing and that convolution's transposed product in one matrix product
+      at the pooled size (``_pool_conv_backward``).
     * rows go through the layers in chunks (``SEQUENTIAL_CHUNK_BYTES``) so that the element-wise
       steps between the products work on data that fits in cache.
     """
@@ -454,6 +458,22 @@ class _SequentialJacobian:
         self.relu_to_nchw = {i for i, layer in enumerate(layers)
                              if isinstance(layer, nn.ReLU) and i not in self.relu_into_pool
                              and self.conv_mode.get(_next_layer(layers, i, -1)) == "grouped"}
+        # A non-overlapping max-pool above a few-channel convolution (stride 1, not dilated, not
+        # grouped; with only a ReLU folded into the pool between them): the pool's routing and the
+        # convolution's transposed product run as one matrix product at the pooled size
+        # (``_pool_conv_backward``) instead of a routing to full size and a transposed convolution.
+        self.pool_conv = {}  # pool index -> convolution index
+        for i, layer in enumerate(layers):
+            j = _next_layer(layers, i, -1, nn.ReLU)
+            if not (isinstance(layer, nn.MaxPool2d) and self.conv_mode.get(j) == "grouped"):
+                continue
+            conv = layers[j]
+            if (conv.groups == 1 and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
+                    and all(m in self.relu_into_pool for m in range(j + 1, i) if isinstance(layers[m], nn.ReLU))
+                    and _pair(layer.kernel_size) == _pair(layer.stride or layer.kernel_size)
+                    and _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1)):
+                self.pool_conv[i] = j
+        self._pool_conv_matrix: dict = {}
         self._forward_w = {i: layers[i].weight.detach().contiguous(memory_format=torch.channels_last)
                            for i in self.conv_mode}
         self.weights_cl = {i: self._forward_w[i] for i, mode in self.conv_mode.items() if mode == "cl"}
@@ -566,6 +586,10 @@ class _SequentialJacobian:
                 and hh == k[0] * pooled.shape[2] and ww == k[1] * pooled.shape[3]):
             value = (pooled > 0).to(pooled.dtype) if fused else torch.ones_like(pooled)
             mask = pooled.new_zeros(n, c, hh * ww).scatter_(2, idx.flatten(2), value.flatten(2))
+            if i in self.pool_conv:  # (N, H/kh, W/kw, kh·kw, C): 1 at the argmax's offset in its window
+                hp, wp = pooled.shape[2:]
+                mask = mask.view(n, c, hp, k[0], wp, k[1]).permute(0, 2, 4, 3, 5, 1).reshape(n, hp, wp, -1, c)
+                return ("offsets", mask, k)
             mask = mask.view(n, c, hh, ww)
             if self.route_layout[i] == "cl":
                 mask = mask.contiguous(memory_format=torch.channels_last)
@@ -590,7 +614,7 @@ class _SequentialJacobian:
         for i in self.mask_layers:  # ascending: a higher changed layer overwrites a lower one
             a, b = old[i], self.saved[i]
             if isinstance(self.layers[i], nn.MaxPool2d):
-                pairs = [(a[1], b[1])] if a[0] == "mask" else [(a[2], b[2]), (a[3], b[3])]
+                pairs = [(a[1], b[1])] if a[0] in ("mask", "offsets") else [(a[2], b[2]), (a[3], b[3])]
             else:
                 pairs = [(a, b)]
             changed = None
@@ -608,8 +632,8 @@ class _SequentialJacobian:
         out = []
         for layer, s in zip(self.layers, saved):
             if isinstance(layer, nn.MaxPool2d):
-                if s[0] == "mask":
-                    out.append(("mask", s[1][rows], s[2]))
+                if s[0] in ("mask", "offsets"):
+                    out.append((s[0], s[1][rows], s[2]))
                 else:
                     out.append(("scatter", torch.Size((count,) + tuple(s[1][1:])), s[2][rows],
                                 None if s[3] is None else s[3][rows]))
@@ -674,11 +698,18 @@ class _SequentialJacobian:
         input; ``keep(i, cotangent)`` receives the cotangent arriving at each mask layer passed
         (what a later vjp resumes from) and must copy it (it may live in a reused buffer)."""
         n, k1 = g.shape[:2]
-        for i in range(first, -1, -1):
+        i = first + 1
+        while i > 0:
+            i -= 1
             layer, s = self.layers[i], saved[i]
             if i in self.mask_layers and i != first:  # (at ``first`` g came from the cache)
                 keep(i, g)
-            if isinstance(layer, nn.Linear):  # (acts on the last dimension of its input, shape s)
+            if isinstance(layer, nn.MaxPool2d) and s[0] == "offsets":  # the pool and the
+                j = self.pool_conv[i]  # convolution below it at once (no mask layer between)
+                g = self._pool_conv_backward(i, j, g, s, saved[j])
+                self.flops += self._conv_flops(self.layers[j], n * k1, saved[j])
+                i = j
+            elif isinstance(layer, nn.Linear):  # (acts on the last dimension of its input, shape s)
                 rows = g.reshape(-1, layer.out_features)
                 out = self._buffer(("linear", i), (len(rows), layer.in_features), g)
                 g = torch.mm(rows, self._weight_t[i].t(), out=out).view(n, k1, *s[1:])
@@ -703,12 +734,79 @@ class _SequentialJacobian:
                 else:
                     g = _unpool_scatter(g, s)
             elif isinstance(layer, nn.Conv2d):
-                out_hw = g.shape[-2:]
                 g = self._conv_transpose(i, layer, g, s)
-                self.flops += (2 * n * k1 * layer.out_channels * out_hw[0] * out_hw[1]
-                               * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1])
+                self.flops += self._conv_flops(layer, n * k1, g.shape[-3:])
             # Dropout / Identity: identity in eval mode
         return g  # (possibly in a reused buffer: ``vjp`` copies it into its cache at once)
+
+    @staticmethod
+    def _conv_flops(conv: nn.Conv2d, rows: int, in_shape) -> int:
+        """Multiply-adds ×2 of ``conv``'s transposed product for ``rows`` cotangents (the dense count)."""
+        out_hw = [(int(in_shape[-2 + d]) + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1)
+                  // conv.stride[d] + 1 for d in range(2)]
+        return (2 * rows * conv.out_channels * out_hw[0] * out_hw[1] * (conv.in_channels // conv.groups)
+                * conv.kernel_size[0] * conv.kernel_size[1])
+
+    def _pool_conv_backward(self, i: int, j: int, g: torch.Tensor, state, in_shape) -> torch.Tensor:
+        """The cotangent ``g`` (N, K−1, C, H/kh, W/kw) at the output of max-pool ``i`` back through
+        the pool (with a ReLU folded into it) and the convolution ``j`` below it (``pool_conv``):
+        the input gradient of the convolution, (N, K−1, C_in, H_in, W_in).
+
+        With the convolution's output position y = kh·p + a (window p, offset a in the window) and
+        its input position y' = kh·m + r (r < kh), stride 1 and padding P give the kernel tap
+        t = kh·(m − p) + r + P − a. So the gradient at the input positions of residue r is, for
+        each of the few shifts d = m − p that reach a tap, a 1×1 map of the pooled cotangent
+        masked per offset (N·(K−1)·H/kh·W/kw rows × kh·kw·C columns, mostly one nonzero per
+        window) by a matrix of the convolution's weights: one matrix product for all residues and
+        shifts, then one shifted add per shift. The same sums as the routing to full size and the
+        transposed convolution, at a quarter of the positions, and no window copy."""
+        _, offsets, (kh, kw) = state
+        n, k1, c, hp, wp = g.shape
+        conv = self.layers[j]
+        cin, height, width = conv.in_channels, int(in_shape[2]), int(in_shape[3])
+        matrix, shifts_h, shifts_w = self._pool_conv_weights(i, j, g)
+        rows = n * k1
+        masked = self._buffer(("pool_conv", i, "masked"), (n, k1, hp, wp, kh * kw, c), g)
+        torch.mul(g.permute(0, 1, 3, 4, 2).unsqueeze(4), offsets.unsqueeze(1), out=masked)
+        cols = self._buffer(("pool_conv", i, "cols"), (len(matrix), rows * hp * wp), g)
+        torch.mm(matrix, masked.view(-1, kh * kw * c).t(), out=cols)
+        cols = cols.view(cin * kh * kw, len(shifts_h), len(shifts_w), rows, hp, wp)
+        mh, mw = -(-height // kh), -(-width // kw)
+        acc = self._buffer(("pool_conv", i, "acc"), (cin * kh * kw, rows, mh, mw), g).zero_()
+        for a, d in enumerate(shifts_h):  # input row m = p + d
+            p0, p1 = max(0, -d), min(hp, mh - d)
+            for b, e in enumerate(shifts_w):
+                q0, q1 = max(0, -e), min(wp, mw - e)
+                if p0 < p1 and q0 < q1:
+                    acc[:, :, p0 + d:p1 + d, q0 + e:q1 + e] += cols[:, a, b, :, p0:p1, q0:q1]
+        out = acc.view(cin, kh, kw, rows, mh, mw).permute(3, 0, 4, 1, 5, 2).reshape(n, k1, cin, mh * kh, mw * kw)
+        if mh * kh != height or mw * kw != width:
+            out = out[..., :height, :width].contiguous()
+        return out
+
+    def _pool_conv_weights(self, i: int, j: int, like: torch.Tensor):
+        """For ``_pool_conv_backward``: the matrix M with
+        M[(c_in, r_h, r_w, d_h, d_w), (a_h, a_w, c_out)] = W[c_out, c_in, kh·d_h + r_h + P_h − a_h, kw·d_w + r_w + P_w − a_w]
+        (0 where the tap is outside the kernel) and the shifts d_h, d_w that reach a tap."""
+        key = (i, like.dtype, like.device)
+        if key not in self._pool_conv_matrix:
+            conv, pool = self.layers[j], self.layers[i]
+            weight = conv.weight.detach().to(like.dtype)
+            (kh, kw), (th, tw), (ph, pw) = _pair(pool.kernel_size), conv.kernel_size, conv.padding
+            def shifts(k, taps, pad):
+                return [d for d in range(-(taps + pad) // k - 1, (taps + pad) // k + 2)
+                        if any(0 <= k * d + r + pad - a < taps for r in range(k) for a in range(k))]
+            sh, sw = shifts(kh, th, ph), shifts(kw, tw, pw)
+            m = weight.new_zeros(conv.in_channels, kh, kw, len(sh), len(sw), kh, kw, conv.out_channels)
+            for rh, rw, ah, aw in itertools.product(range(kh), range(kw), range(kh), range(kw)):
+                for a, d in enumerate(sh):
+                    for b, e in enumerate(sw):
+                        tap_h = kh * d + rh + ph - ah
+                        tap_w = kw * e + rw + pw - aw
+                        if 0 <= tap_h < th and 0 <= tap_w < tw:
+                            m[:, rh, rw, a, b, ah, aw, :] = weight[:, :, tap_h, tap_w].t()
+            self._pool_conv_matrix[key] = (m.reshape(-1, kh * kw * conv.out_channels).contiguous(), sh, sw)
+        return self._pool_conv_matrix[key]
 
     def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         """A tensor of ``shape`` for the large intermediate ``key``, reusing the memory of the last

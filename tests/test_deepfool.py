@@ -231,10 +231,30 @@ def pool3_cnn(seed: int = 0) -> nn.Module:
 def rect_cnn(seed: int = 0) -> nn.Module:
     """Two convolutions with few input channels (both transposed grouped, in NCHW): a ReLU mask
     written straight in NCHW, and a 1×2 pool routed in NCHW (the cotangent repeated over the
-    window's columns by a product)."""
+    window's columns by a product; the grouped convolution below it keeps the pool and the
+    convolution from being fused)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 3, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(3 * 8 * 4, 5)).double().eval()
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d((1, 2)),
+                         nn.Flatten(), nn.Linear(4 * 8 * 4, 5)).double().eval()
+
+
+def pool_conv_cnn(seed: int = 0) -> nn.Module:
+    """Both pools fused with the few-channel convolution below them (``pool_conv``): an even
+    kernel whose output (10×10 from 11×11) leaves the input's last row and column past the
+    pooled grid; a 3×3 pool over a convolution that is not the image layer and has no padding."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 4, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3),
+                         nn.Flatten(), nn.Linear(4, 5)).double().eval()
+
+
+def pool_conv_rect(seed: int = 0) -> nn.Module:
+    """A 2×1 pool fused with a 3×5 convolution padded (1, 2), a Dropout between them; no ReLU
+    folded into the pool."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 2, (3, 5), padding=(1, 2)), nn.Dropout(0.5), nn.MaxPool2d((2, 1)),
+                         nn.Flatten(), nn.Linear(2 * 4 * 8, 5)).double().eval()
 
 
 def linear_on_rows(seed: int = 0) -> nn.Module:
@@ -248,7 +268,9 @@ def linear_on_rows(seed: int = 0) -> nn.Module:
                                             (mlp, 8, None), (mlp, 8, (0.0, 1.0)),
                                             (pool_first, 8, (0.0, 1.0)), (linear_on_rows, 8, None),
                                             (pool3_cnn, 9, None), (pool3_cnn, 9, (0.0, 1.0)),
-                                            (rect_cnn, 8, None), (rect_cnn, 8, (0.0, 1.0))])
+                                            (rect_cnn, 8, None), (rect_cnn, 8, (0.0, 1.0)),
+                                            (pool_conv_cnn, 11, None), (pool_conv_cnn, 11, (0.0, 1.0)),
+                                            (pool_conv_rect, 8, None), (pool_conv_rect, 8, (0.0, 1.0))])
 def test_sequential_backward_variants_match_reference(make, size, clip):
     model = make()
     plan = _SequentialJacobian(_SequentialJacobian.supports(model))
@@ -257,7 +279,13 @@ def test_sequential_backward_variants_match_reference(make, size, clip):
     if make is pool3_cnn:
         assert set(plan.route_layout.values()) == {"nchw", "cl"}
     if make is rect_cnn:
-        assert plan.relu_to_nchw == {1} and plan.route_layout == {5: "nchw"}
+        assert plan.relu_to_nchw == {1} and plan.route_layout == {5: "nchw"} and not plan.pool_conv
+    if make is pool_conv_cnn:
+        assert plan.pool_conv == {2: 0, 5: 3}
+    if make is pool_conv_rect:
+        assert plan.pool_conv == {2: 0}
+    if make in (wide_cnn, pool3_cnn):  # a pool fused with the image layer, another not
+        assert plan.pool_conv == {2: 0}
     x = torch.rand(14, 1, size, size, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
     for batch_size in (None, 3):
@@ -350,6 +378,38 @@ def test_batch_norm_of_a_convolution_is_folded_into_its_input_gradient(monkeypat
         for j in range(3):
             diff = out[i, cand[i, j + 1]] - out[i, cand[i, 0]]
             (want,) = torch.autograd.grad(diff, xr, retain_graph=True)
+            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("c_in,kernel,padding,pool,size", [
+    (1, (5, 5), (2, 2), (2, 2), (12, 12)), (2, (3, 3), (0, 0), (2, 2), (9, 9)),    # (9×9 trimmed to 8×8)
+    (3, (4, 2), (1, 0), (3, 2), (11, 9)), (1, (1, 1), (0, 0), (2, 3), (8, 9)),      # 10×9: rows past the grid
+    (4, (3, 5), (2, 1), (1, 2), (7, 8)), (2, (2, 2), (1, 1), (3, 3), (8, 8))])     # pool wider than taps
+def test_pool_fused_with_convolution_below_equals_autograd(c_in, kernel, padding, pool, size):
+    """``pool_conv``: the routing of a non-overlapping max-pool and the transposed product of the
+    few-channel convolution below it, as one matrix product at the pooled size, give plain
+    autograd's candidate gradients (ReLU folded into the pool, shapes that leave input rows and
+    columns past the pooled grid, rectangular kernels and pools)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(c_in, 3, kernel, padding=padding)
+    out_hw = [size[d] + 2 * padding[d] - kernel[d] + 1 for d in range(2)]
+    out_hw = [o - o % p for o, p in zip(out_hw, pool)]  # trim the input so that the pool tiles it
+    size = [o - 2 * padding[d] + kernel[d] - 1 for d, o in enumerate(out_hw)]
+    pooled = out_hw[0] // pool[0] * (out_hw[1] // pool[1]) * 3
+    model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(pool), nn.Flatten(), nn.Linear(pooled, 6)).double().eval()
+    plan = _SequentialJacobian(_SequentialJacobian.supports(model))
+    assert plan.pool_conv == {2: 0}
+    x = torch.rand(5, c_in, *size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    logits = plan.forward(x, True, 4)
+    assert plan.saved[2][0] == "offsets"
+    cand = logits.topk(4, dim=1).indices
+    got, _, idx = plan.vjp(deepfool_module._grad_outputs(cand, 6, x.dtype))
+    assert idx is None
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    for i in range(len(x)):
+        for j in range(3):
+            (want,) = torch.autograd.grad(out[i, cand[i, j + 1]] - out[i, cand[i, 0]], xr, retain_graph=True)
             torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
 
 
