@@ -472,7 +472,13 @@ class _SequentialJacobian:
                     and all(m in self.relu_into_pool for m in range(j + 1, i) if isinstance(layers[m], nn.ReLU))
                     and _pair(layer.kernel_size) == _pair(layer.stride or layer.kernel_size)
                     and _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1)):
-                self.pool_conv[i] = j
+                (kh, kw), (th, tw) = _pair(layer.kernel_size), conv.kernel_size
+                shifts = len(_tap_shifts(kh, th, conv.padding[0])) * len(_tap_shifts(kw, tw, conv.padding[1]))
+                # the fused product's multiply-adds over the dense transposed convolution's, times
+                # the input channels (the grouped transposed convolution it replaces gets faster
+                # with more of them): see POOL_CONV_MAX_COST
+                if conv.in_channels * shifts * kh * kw / (th * tw) <= POOL_CONV_MAX_COST:
+                    self.pool_conv[i] = j
         self._pool_conv_matrix: dict = {}
         self._forward_w = {i: layers[i].weight.detach().contiguous(memory_format=torch.channels_last)
                            for i in self.conv_mode}
@@ -793,10 +799,7 @@ class _SequentialJacobian:
             conv, pool = self.layers[j], self.layers[i]
             weight = conv.weight.detach().to(like.dtype)
             (kh, kw), (th, tw), (ph, pw) = _pair(pool.kernel_size), conv.kernel_size, conv.padding
-            def shifts(k, taps, pad):
-                return [d for d in range(-(taps + pad) // k - 1, (taps + pad) // k + 2)
-                        if any(0 <= k * d + r + pad - a < taps for r in range(k) for a in range(k))]
-            sh, sw = shifts(kh, th, ph), shifts(kw, tw, pw)
+            sh, sw = _tap_shifts(kh, th, ph), _tap_shifts(kw, tw, pw)
             m = weight.new_zeros(conv.in_channels, kh, kw, len(sh), len(sw), kh, kw, conv.out_channels)
             for rh, rw, ah, aw in itertools.product(range(kh), range(kw), range(kh), range(kw)):
                 for a, d in enumerate(sh):
@@ -841,6 +844,22 @@ class _SequentialJacobian:
 GRAPH_CHUNK_ROWS = 128  # rows per autograd graph (_AutogradJacobian)
 SEQUENTIAL_CHUNK_BYTES = 32 << 20  # _SequentialJacobian: (K−1)·inputs·largest activation per chunk
 GROUPED_MAX_IN = 4  # convolutions with at most this many input channels are transposed grouped
+
+
+# ``_SequentialJacobian.pool_conv``: a pool and the few-channel convolution below it are fused when
+# C_in × (the fused product's multiply-adds / the transposed convolution's) is at most this. Whole
+# DeepFool runs against the unfused path (1 thread, 200 inputs, a conv → ReLU → 2×2 max-pool image
+# layer): 1 channel 5×5 taps (cost 1.44) 1.06×, 3 channels 5×5 (4.3) 1.57×, 1 channel 3×3 (4)
+# 1.08×, 3 channels 3×3 (12) 0.89×.
+POOL_CONV_MAX_COST = 6.0
+
+
+def _tap_shifts(k: int, taps: int, pad: int) -> list[int]:
+    """For a pool of kernel ``k`` over a stride-1 convolution of ``taps`` taps padded by ``pad``
+    (one dimension): the shifts d = m − p between an input block m and a pooled position p that
+    reach a tap t = k·d + r + pad − a (0 <= r, a < k) of the kernel."""
+    return [d for d in range(-(taps + pad) // k - 1, (taps + pad) // k + 2)
+            if any(0 <= k * d + r + pad - a < taps for r in range(k) for a in range(k))]
 
 
 def _next_layer(layers: list[nn.Module], i: int, step: int, *skip: type) -> int:

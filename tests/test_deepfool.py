@@ -271,7 +271,9 @@ def linear_on_rows(seed: int = 0) -> nn.Module:
                                             (rect_cnn, 8, None), (rect_cnn, 8, (0.0, 1.0)),
                                             (pool_conv_cnn, 11, None), (pool_conv_cnn, 11, (0.0, 1.0)),
                                             (pool_conv_rect, 8, None), (pool_conv_rect, 8, (0.0, 1.0))])
-def test_sequential_backward_variants_match_reference(make, size, clip):
+def test_sequential_backward_variants_match_reference(make, size, clip, monkeypatch):
+    if make is pool_conv_cnn:  # (its second pool is fused only when the cost rule is lifted)
+        monkeypatch.setattr(deepfool_module, "POOL_CONV_MAX_COST", math.inf)
     model = make()
     plan = _SequentialJacobian(_SequentialJacobian.supports(model))
     if make is wide_cnn:  # the test is only worth something if these paths run
@@ -282,10 +284,12 @@ def test_sequential_backward_variants_match_reference(make, size, clip):
         assert plan.relu_to_nchw == {1} and plan.route_layout == {5: "nchw"} and not plan.pool_conv
     if make is pool_conv_cnn:
         assert plan.pool_conv == {2: 0, 5: 3}
-    if make is pool_conv_rect:
+    if make is pool_conv_rect:  # (cost 2 × 4 × 3 × 2 / 15 = 3.2)
         assert plan.pool_conv == {2: 0}
-    if make in (wide_cnn, pool3_cnn):  # a pool fused with the image layer, another not
+    if make is wide_cnn:  # a pool fused with the image layer (cost 1 × 4 × 9 / 9 = 4), another not
         assert plan.pool_conv == {2: 0}
+    if make is pool3_cnn:  # 3×3 pool over 3×3 taps: cost 1 × 9 × 9 / 9 = 9, routed in NCHW
+        assert not plan.pool_conv
     x = torch.rand(14, 1, size, size, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     refs = [reference_deepfool(model, x[i], 4, 0.02, 50, clip=clip) for i in range(len(x))]
     for batch_size in (None, 3):
@@ -385,11 +389,12 @@ def test_batch_norm_of_a_convolution_is_folded_into_its_input_gradient(monkeypat
     (1, (5, 5), (2, 2), (2, 2), (12, 12)), (2, (3, 3), (0, 0), (2, 2), (9, 9)),    # (9×9 trimmed to 8×8)
     (3, (4, 2), (1, 0), (3, 2), (11, 9)), (1, (1, 1), (0, 0), (2, 3), (8, 9)),      # 10×9: rows past the grid
     (4, (3, 5), (2, 1), (1, 2), (7, 8)), (2, (2, 2), (1, 1), (3, 3), (8, 8))])     # pool wider than taps
-def test_pool_fused_with_convolution_below_equals_autograd(c_in, kernel, padding, pool, size):
+def test_pool_fused_with_convolution_below_equals_autograd(c_in, kernel, padding, pool, size, monkeypatch):
     """``pool_conv``: the routing of a non-overlapping max-pool and the transposed product of the
     few-channel convolution below it, as one matrix product at the pooled size, give plain
     autograd's candidate gradients (ReLU folded into the pool, shapes that leave input rows and
-    columns past the pooled grid, rectangular kernels and pools)."""
+    columns past the pooled grid, rectangular kernels and pools; fused whatever the cost rule)."""
+    monkeypatch.setattr(deepfool_module, "POOL_CONV_MAX_COST", math.inf)
     torch.manual_seed(3)
     conv = nn.Conv2d(c_in, 3, kernel, padding=padding)
     out_hw = [size[d] + 2 * padding[d] - kernel[d] + 1 for d in range(2)]
@@ -411,6 +416,19 @@ def test_pool_fused_with_convolution_below_equals_autograd(c_in, kernel, padding
         for j in range(3):
             (want,) = torch.autograd.grad(out[i, cand[i, j + 1]] - out[i, cand[i, 0]], xr, retain_graph=True)
             torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+
+
+def test_pool_fused_with_convolution_only_where_measured_faster():
+    """The cost rule (``POOL_CONV_MAX_COST``): MnistConvNet's image layer (1 channel, 5×5 taps:
+    4 offsets × 9 shifts / 25 taps = 1.44) is fused, a 3-channel 3×3 one (3 × 4 × 9 / 9 = 12) is
+    not, nor is a strided convolution."""
+    from cnnmodel import build_model
+    plan = _SequentialJacobian(_SequentialJacobian.supports(build_model("mnist_convnet")))
+    assert plan.pool_conv == {2: 0} and plan.route_layout == {2: "nchw", 5: "cl"}
+    for conv, fused in ((nn.Conv2d(3, 8, 3, padding=1), False), (nn.Conv2d(1, 8, 3, padding=1), True),
+                        (nn.Conv2d(3, 8, 5, padding=2), True), (nn.Conv2d(1, 8, 5, stride=2, padding=2), False)):
+        model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+        assert bool(_SequentialJacobian(_SequentialJacobian.supports(model)).pool_conv) is fused, conv
 
 
 @pytest.mark.parametrize("c_in,c_out,k,stride,padding,dilation,groups,size", [
