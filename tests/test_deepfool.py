@@ -78,6 +78,17 @@ def reference_deepfool(model, image, num_classes, overshoot, max_iter, clip=None
     return point - image, loop_i, label, k_i
 
 
+def assert_candidate_gradients_equal_autograd(model, x, cand, got):
+    """``got[i, j]`` (N, K−1, ...) is ∇(f_cand[i, j+1] − f_cand[i, 0]) at x[i], by plain autograd
+    on ``model`` (no interception)."""
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    for i in range(len(x)):
+        for j in range(cand.shape[1] - 1):
+            (want,) = torch.autograd.grad(out[i, cand[i, j + 1]] - out[i, cand[i, 0]], xr, retain_graph=True)
+            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+
+
 def random_images(n, seed=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
@@ -376,13 +387,7 @@ def test_batch_norm_of_a_convolution_is_folded_into_its_input_gradient(monkeypat
     got, norms, idx = jac.vjp(deepfool_module._grad_outputs(cand, logits.shape[1], x.dtype))
     assert idx is None and torch.equal(norms, got.flatten(2).norm(dim=2))
     assert len(calls) == 2  # bn0(stem(x)) and bn1(conv1(h))
-    xr = x.clone().requires_grad_(True)
-    out = model(xr)  # plain autograd, no interception
-    for i in range(len(x)):
-        for j in range(3):
-            diff = out[i, cand[i, j + 1]] - out[i, cand[i, 0]]
-            (want,) = torch.autograd.grad(diff, xr, retain_graph=True)
-            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+    assert_candidate_gradients_equal_autograd(model, x, cand, got)
 
 
 @pytest.mark.parametrize("c_in,kernel,padding,pool,size", [
@@ -410,12 +415,7 @@ def test_pool_fused_with_convolution_below_equals_autograd(c_in, kernel, padding
     cand = logits.topk(4, dim=1).indices
     got, _, idx = plan.vjp(deepfool_module._grad_outputs(cand, 6, x.dtype))
     assert idx is None
-    xr = x.clone().requires_grad_(True)
-    out = model(xr)
-    for i in range(len(x)):
-        for j in range(3):
-            (want,) = torch.autograd.grad(out[i, cand[i, j + 1]] - out[i, cand[i, 0]], xr, retain_graph=True)
-            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+    assert_candidate_gradients_equal_autograd(model, x, cand, got)
 
 
 def test_pool_fused_with_convolution_only_where_measured_faster():
@@ -558,12 +558,7 @@ def test_generic_path_average_pool_gradient_equals_autograd(opts):
     finally:
         deepfool_module._AvgPool2dChannelsLastGrad.apply = fn
     assert calls  # the channels_last pool ran
-    xr = x.clone().requires_grad_(True)
-    out = model(xr)
-    for i in range(len(x)):
-        for j in range(3):
-            (want,) = torch.autograd.grad(out[i, cand[i, j + 1]] - out[i, cand[i, 0]], xr, retain_graph=True)
-            torch.testing.assert_close(got[i, j], want[i], atol=1e-12, rtol=1e-10)
+    assert_candidate_gradients_equal_autograd(model, x, cand, got)
 
 
 def test_sequential_chunked_backward_matches_reference(monkeypatch):
